@@ -1,0 +1,63 @@
+"""minilib's sessions: `nox -s tests` (the default) and `nox -s bench` are all a newcomer needs.
+
+Every environment pins torch through constraints.txt (see there why) and is reused between runs;
+arguments after `--` go straight to pytest, e.g. `nox -s tests -- -k logsumexp`.
+"""
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_venv = "yes"
+nox.options.error_on_missing_interpreters = False
+
+CONSTRAINTS = ("-c", "constraints.txt")
+
+
+def install(session: nox.Session, extras: str) -> None:
+    session.install(*CONSTRAINTS, "-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the spec tests (one file per notebook) and smoke-run the benchmarks once, untimed."""
+    install(session, "test,triton")
+    session.run(
+        "pytest",
+        "--benchmark-disable",  # benchmark files run once on tiny sizes so the harness cannot rot
+        *session.posargs,
+        env={"TRITON_INTERPRET": "1"},  # Triton kernels run on the CPU through its interpreter
+    )
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Time the matmul and loss kernels, write bench-results/ (JSON, report, charts).
+
+    `nox -s bench -- --quick` runs the reduced set (a few minutes on 2 cores).
+    """
+    install(session, "bench,triton")
+    session.run("python", "-m", "benchmarks.run", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Check style and imports with ruff."""
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", "--diff", ".")
+
+
+@nox.session
+def spec(session: nox.Session) -> None:
+    """Print the spec tests as an outline a learner can read: one line per claim, by lesson."""
+    install(session, "spec,triton")
+    session.run(
+        "pytest",
+        "spec_tests",
+        "--spec",
+        "-p",
+        "no:randomly",
+        "--benchmark-disable",
+        *session.posargs,
+        env={"TRITON_INTERPRET": "1"},
+    )

@@ -1,0 +1,27 @@
+"""Shared fixtures: the MNIST sample (8,000 train / 2,000 valid, from $MINILIB_DATA) and fixed seeds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from minilib.data import get_data
+
+
+@pytest.fixture(scope="session")
+def mnist_sample():
+    """(x_train, y_train, x_valid, y_valid) of the MNIST sample; skips (locally) or fails (CI) without it."""
+    try:
+        return get_data(sample=True)
+    except FileNotFoundError as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"MNIST sample not available: {e}")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same random state, so a test that trains is reproducible."""
+    torch.manual_seed(42)
