@@ -1,6 +1,12 @@
 """Lesson 01 (01_matmul): matrix multiplication four ways, each moving more of the work from Python into C.
 
-`MATMULS` is the reference table that the spec tests and the benchmarks parametrize over.
+Every version computes ``c[i, j] = sum_k a[i, k] * b[k, j]``; what changes is who runs the loops.
+The triple loop runs all m*n*k multiply-adds in the interpreter; the elementwise version hands the
+inner loop (over k) to one C call per output; broadcasting hands over the loop over j as well, one C
+call per row; einsum and ``@`` leave no Python loop at all, and ``@`` ends in a tuned BLAS kernel.
+
+`MATMULS` is the reference table (name -> function, in lesson order) that the spec tests and the
+benchmarks parametrize over. All five validate their arguments the same way (`check_matmul_args`).
 """
 
 from __future__ import annotations
@@ -25,13 +31,18 @@ def _shape(t: torch.Tensor) -> str:
 
 
 def check_matmul_args(a: torch.Tensor, b: torch.Tensor, name: str = "matmul") -> tuple[int, int, int]:
-    """Validate two 2-D tensors for ``a @ b`` and return ``(m, k, n)``."""
+    """Validate two 2-D tensors for ``a @ b`` and return ``(m, k, n)``.
+
+    TypeError if either is not a tensor; ValueError naming both shapes if either is not 2-D or the
+    inner sizes differ, and naming both devices (dtypes) if those differ.
+    """
     for arg, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
     if a.dim() != 2 or b.dim() != 2:
         raise ValueError(
-            f"{name}: expected 2-D tensors, but a is {_shape(a)} ({a.dim()}-D) and b is {_shape(b)} ({b.dim()}-D)"
+            f"{name}: expected 2-D tensors, but a is {_shape(a)} ({a.dim()}-D) "
+            f"and b is {_shape(b)} ({b.dim()}-D)"
         )
     if a.shape[1] != b.shape[0]:
         raise ValueError(
@@ -39,18 +50,26 @@ def check_matmul_args(a: torch.Tensor, b: torch.Tensor, name: str = "matmul") ->
             f"(a's columns must equal b's rows)"
         )
     if a.device != b.device:
-        raise ValueError(f"{name}: a is on {a.device} but b is on {b.device}; move both to one device")
+        raise ValueError(
+            f"{name}: a ({_shape(a)}) is on {a.device} but b ({_shape(b)}) is on {b.device}; "
+            f"move both to one device"
+        )
+    if a.dtype != b.dtype:
+        # `@` refuses mixed dtypes; the loop versions would silently promote. Refuse in all five alike.
+        raise ValueError(
+            f"{name}: a ({_shape(a)}) is {a.dtype} but b ({_shape(b)}) is {b.dtype}; cast one with .to()"
+        )
     return a.shape[0], a.shape[1], b.shape[1]
 
 
-def _result(a: torch.Tensor, b: torch.Tensor, m: int, n: int) -> torch.Tensor:
-    return torch.zeros(m, n, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+def _result(a: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    return torch.zeros(m, n, dtype=a.dtype, device=a.device)
 
 
 def matmul_loops(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Three nested Python loops: every multiply-add goes through the interpreter."""
     m, k, n = check_matmul_args(a, b, "matmul_loops")
-    c = _result(a, b, m, n)
+    c = _result(a, m, n)
     for i in range(m):
         for j in range(n):
             for p in range(k):
@@ -61,7 +80,7 @@ def matmul_loops(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def matmul_elementwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The inner loop becomes one elementwise row-times-column product and ``.sum()`` in C."""
     m, _, n = check_matmul_args(a, b, "matmul_elementwise")
-    c = _result(a, b, m, n)
+    c = _result(a, m, n)
     for i in range(m):
         for j in range(n):
             c[i, j] = (a[i, :] * b[:, j]).sum()
@@ -71,7 +90,7 @@ def matmul_elementwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def matmul_broadcast(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Broadcasting removes the column loop: row i (as a k x 1 column) times all of b, summed over k."""
     m, _, n = check_matmul_args(a, b, "matmul_broadcast")
-    c = _result(a, b, m, n)
+    c = _result(a, m, n)
     for i in range(m):
         c[i] = (a[i].unsqueeze(-1) * b).sum(0)
     return c
