@@ -71,7 +71,10 @@ def collate(batch):
     """Stack a list of ``(x, y)`` pairs into one ``(xb, yb)`` pair of batched tensors."""
     if len(batch) == 0:
         raise ValueError("collate: batch must hold at least one (x, y) pair, got an empty list")
-    xs, ys = zip(*batch)
+    for i, item in enumerate(batch):
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"collate: item {i} of batch must be an (x, y) pair, got {type(item).__name__}")
+    xs, ys = zip(*batch, strict=True)
     return torch.stack(xs), torch.stack(ys)
 
 
@@ -121,4 +124,6 @@ class DataBunch:
         return self.valid_dl.dataset
 
     def __repr__(self) -> str:
-        return f"DataBunch(train={len(self.train_dl)} batches, valid={len(self.valid_dl)} batches, c={self.c})"
+        return (
+            f"DataBunch(train={len(self.train_dl)} batches, valid={len(self.valid_dl)} batches, c={self.c})"
+        )

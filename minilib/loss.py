@@ -30,41 +30,63 @@ def _check_logits(x: torch.Tensor, name: str, arg: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"{name}: {arg} must be a floating-point tensor, got dtype {x.dtype}")
+        # The contract: a wrong dtype is a ValueError (TypeError is kept for "not a tensor at all").
+        raise ValueError(f"{name}: {arg} must be a floating-point tensor of scores, got dtype {x.dtype}")
     if x.dim() == 0:
         raise ValueError(f"{name}: {arg} must have at least one dimension (classes last), got a scalar")
+    if x.shape[-1] == 0:
+        raise ValueError(
+            f"{name}: {arg} must have at least one class in its last dim, got shape {tuple(x.shape)}"
+        )
 
 
-def check_logits_and_target(input: torch.Tensor, target: torch.Tensor, name: str) -> None:
-    """The contract's checks for an ``[N, C]`` input and an int64 ``[N]`` target with classes in ``[0, C)``."""
-    _check_logits(input, name, "input")
+def check_logits_and_target(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    name: str,
+    input_name: str = "input",
+    target_name: str = "target",
+) -> None:
+    """The contract's checks for an ``[N, C]`` input and an int64 ``[N]`` target with classes in ``[0, C)``.
+
+    ``input_name``/``target_name`` are the caller's argument names, so that ``accuracy(out, yb)``
+    complains about ``out`` and ``yb``, the names its user typed.
+    """
+    i, t = input_name, target_name
+    _check_logits(input, name, i)
     if input.dim() != 2:
         raise ValueError(
-            f"{name}: input must be 2-D [N, C] (a batch of rows of class scores), got shape {tuple(input.shape)}"
+            f"{name}: {i} must be 2-D [N, C] (a batch of rows of class scores), "
+            f"got shape {tuple(input.shape)}"
         )
     if not isinstance(target, torch.Tensor):
-        raise TypeError(f"{name}: target must be a torch.Tensor, got {type(target).__name__}")
+        raise TypeError(f"{name}: {t} must be a torch.Tensor, got {type(target).__name__}")
     if target.dtype != torch.int64:
-        raise ValueError(f"{name}: target must be int64 class indices, got dtype {target.dtype}")
+        raise ValueError(f"{name}: {t} must be int64 class indices, got dtype {target.dtype}")
     if target.dim() != 1 or target.shape[0] != input.shape[0]:
         raise ValueError(
-            f"{name}: target must be 1-D with one class per row of input: input is "
-            f"{tuple(input.shape)} but target is {tuple(target.shape)}"
+            f"{name}: {t} must be 1-D with one class per row of {i}: {i} is "
+            f"{tuple(input.shape)} but {t} is {tuple(target.shape)}"
+        )
+    if input.shape[0] == 0:
+        raise ValueError(
+            f"{name}: {i} must hold at least one row (a mean over no rows is nan), "
+            f"got shape {tuple(input.shape)}"
         )
     if target.device != input.device:
-        raise ValueError(f"{name}: input is on {input.device} but target is on {target.device}")
+        raise ValueError(f"{name}: {i} is on {input.device} but {t} is on {target.device}")
     n_classes = input.shape[1]
     bad = (target < 0) | (target >= n_classes)
     if bool(bad.any()):
         pos = int(bad.nonzero()[0, 0])
         raise IndexError(
-            f"{name}: target holds class {int(target[pos])} at position {pos}, "
-            f"but input has only {n_classes} classes"
+            f"{name}: {t} holds class {int(target[pos])} at position {pos}, "
+            f"but {i} has only {n_classes} classes"
         )
 
 
 def softmax(x: torch.Tensor) -> torch.Tensor:
-    """exp(x) / sum(exp(x)) over the last dim, computed as exp(log_softmax) so large logits cannot overflow."""
+    """exp(x) / sum(exp(x)) over the last dim, as exp(log_softmax(x)) so that large logits cannot overflow."""
     _check_logits(x, "softmax")
     return log_softmax(x).exp()
 
@@ -81,23 +103,39 @@ def log_softmax_sum_log(x: torch.Tensor) -> torch.Tensor:
     return x - x.exp().sum(-1, keepdim=True).log()
 
 
+def _row_max(x: torch.Tensor) -> torch.Tensor:
+    """The shift of the LogSumExp trick: each row's max, detached, with an infinite max replaced by 0.
+
+    Detached, because the result does not depend on the shift (log-sum-exp is shift-invariant): its
+    exact gradient through m is 0, and tracking it would only add the rounding noise of
+    1 - sum(softmax) to the max element's gradient. An infinite max (a row of all -inf, or a +inf)
+    becomes 0 so that the result is what PyTorch gives (-inf, +inf) rather than the nan of inf - inf.
+    """
+    m = x.detach().amax(-1, keepdim=True)
+    return torch.where(torch.isinf(m), torch.zeros_like(m), m)
+
+
 def logsumexp(x: torch.Tensor) -> torch.Tensor:
     """log(sum(exp(x))) over the last dim, as m + log(sum(exp(x - m))) with m the row max.
 
-    Subtracting the max changes nothing mathematically and keeps every exp() at most 1.
-    An infinite max (a row of all -inf, or a +inf) is replaced by 0 so that the result is what
-    PyTorch gives (-inf, +inf) rather than the nan of inf - inf.
+    Subtracting the max changes nothing mathematically and keeps every exp() at most 1, so logits of
+    any finite size (1e4, -1e4, mixed) give a finite result; a row of all -inf gives -inf, as PyTorch.
     """
     _check_logits(x, "logsumexp")
-    m = x.max(-1, keepdim=True).values
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    m = _row_max(x)
     return (m + (x - m).exp().sum(-1, keepdim=True).log()).squeeze(-1)
 
 
 def log_softmax_logsumexp(x: torch.Tensor) -> torch.Tensor:
-    """Lesson version 3 (the final one): x - logsumexp(x), finite for logits of any finite size."""
+    """Lesson version 3 (the final one): x - logsumexp(x), finite for logits of any finite size.
+
+    Computed as (x - m) - log(sum(exp(x - m))) rather than x - (m + log(...)): forming m + log(...)
+    first rounds it to the float spacing near |m| (about 1e-3 at 1e4 in float32), an error that would
+    then land on every small log-probability; x - m is exact for the logits that matter.
+    """
     _check_logits(x, "log_softmax")
-    return x - logsumexp(x).unsqueeze(-1)
+    shifted = x - _row_max(x)
+    return shifted - shifted.exp().sum(-1, keepdim=True).log()
 
 
 def log_softmax(x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +151,11 @@ LOG_SOFTMAXES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def nll(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean negative log likelihood: pick each row's log-probability of its target by integer array indexing."""
+    """Mean negative log likelihood of log-probabilities ``input`` [N, C] for class indices ``target`` [N].
+
+    ``input[range(N), target]`` picks each row's log-probability of its target (integer array indexing).
+    The minus sign turns maximising the likelihood into a loss to minimise.
+    """
     check_logits_and_target(input, target, "nll")
     return -input[torch.arange(input.shape[0], device=input.device), target].mean()
 
@@ -126,5 +168,5 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def accuracy(out: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
     """Fraction of rows whose highest score is the target class."""
-    check_logits_and_target(out, yb, "accuracy")
+    check_logits_and_target(out, yb, "accuracy", "out", "yb")
     return (torch.argmax(out, dim=1) == yb).float().mean()
