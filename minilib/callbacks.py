@@ -1,0 +1,355 @@
+"""Lessons 04, 05 and 05b: the callbacks that plug into ``minilib.learner.Runner``.
+
+04: ``AvgStats`` / ``AvgStatsCallback`` (loss and metrics averaged over SAMPLES, not over batches).
+05: ``Recorder`` (lr per param group, loss; plots) and ``ParamScheduler`` (a schedule per param group).
+05b: ``LR_Find`` (the learning-rate finder). Beyond the lessons: ``ProgressCallback`` (a tqdm bar in a
+terminal, one plain line per epoch elsewhere) and ``DeviceCallback`` (train on a GPU with the same Runner).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+
+import torch
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from minilib.learner import Callback, CancelTrainException, listify
+
+__all__ = [
+    "AvgStats",
+    "AvgStatsCallback",
+    "Recorder",
+    "ParamScheduler",
+    "LR_Find",
+    "ProgressCallback",
+    "DeviceCallback",
+]
+
+
+def _item(x) -> float:
+    """A Python float from a loss or metric, without autograd's warning about tensors that need grad."""
+    return x.detach().item() if isinstance(x, torch.Tensor) else float(x)
+
+
+class AvgStats:
+    """Running totals of ``loss * bs`` and ``metric * bs`` over one pass, divided by the sample count.
+
+    Weighting by batch size makes ``avg_stats`` the loss of the whole set even when the last batch is
+    short; a plain mean of batch means would give a batch of 1 the weight of a batch of 1000.
+    """
+
+    def __init__(self, metrics, in_train: bool):
+        self.metrics, self.in_train = listify(metrics), in_train
+        for m in self.metrics:
+            if not callable(m):
+                raise TypeError(f"AvgStats: metrics must be callables (pred, yb) -> value, got {m!r}")
+        self.reset()
+
+    def reset(self) -> None:
+        # Python floats: float64 totals, and no autograd graph kept alive across batches.
+        self.tot_loss, self.count = 0.0, 0
+        self.tot_mets = [0.0] * len(self.metrics)
+
+    @property
+    def all_stats(self) -> list[float]:
+        return [self.tot_loss] + self.tot_mets
+
+    @property
+    def avg_stats(self) -> list[float]:
+        """``[loss, *metrics]`` averaged over the samples seen since ``reset`` (NaN before any)."""
+        if not self.count:
+            return [math.nan] * (1 + len(self.metrics))
+        return [o / self.count for o in self.all_stats]
+
+    @property
+    def names(self) -> list[str]:
+        return ["loss"] + [getattr(m, "__name__", type(m).__name__) for m in self.metrics]
+
+    def accumulate(self, run) -> None:
+        bn = run.xb.shape[0]
+        self.tot_loss += _item(run.loss) * bn
+        self.count += bn
+        for i, m in enumerate(self.metrics):
+            self.tot_mets[i] += _item(m(run.pred, run.yb)) * bn
+
+    def __repr__(self) -> str:
+        if not self.count:
+            return ""
+        return f"{'train' if self.in_train else 'valid'}: {self.avg_stats}"
+
+
+class AvgStatsCallback(Callback):
+    """Keeps ``train_stats`` and ``valid_stats`` (``AvgStats``) for the current epoch.
+
+    Prints both after each epoch as the lesson does, unless ``print_stats=False`` or (the default,
+    None) a ``ProgressCallback`` in the same runner shows them already.
+    """
+
+    def __init__(self, metrics, print_stats: bool | None = None):
+        self.train_stats, self.valid_stats = AvgStats(metrics, True), AvgStats(metrics, False)
+        self.print_stats = print_stats
+
+    def begin_epoch(self):
+        self.train_stats.reset()
+        self.valid_stats.reset()
+
+    def after_loss(self):
+        stats = self.train_stats if self.in_train else self.valid_stats
+        with torch.no_grad():
+            stats.accumulate(self.run)
+
+    def after_epoch(self):
+        show = self.print_stats
+        if show is None:
+            show = not any(isinstance(cb, ProgressCallback) for cb in self.run.cbs)
+        if show:
+            print(self.train_stats)
+            print(self.valid_stats)
+
+
+class Recorder(Callback):
+    """Records, for every TRAINING batch, the lr of each param group and the loss.
+
+    ``lrs[g]`` is the list of lrs of param group ``g``; ``losses`` a list of floats. The plots return a
+    ``matplotlib.figure.Figure`` (built without pyplot: nothing is shown, nothing global is touched).
+    """
+
+    def begin_fit(self):
+        self.lrs = [[] for _ in self.opt.param_groups]
+        self.losses = []
+
+    def after_batch(self):
+        if not self.in_train:
+            return
+        for pg, lrs in zip(self.opt.param_groups, self.lrs, strict=True):
+            lrs.append(float(pg["lr"]))
+        self.losses.append(_item(self.loss))
+
+    def _lrs(self, pgid: int) -> list[float]:
+        if not -len(self.lrs) <= pgid < len(self.lrs):
+            raise IndexError(f"Recorder: pgid {pgid} is out of range for {len(self.lrs)} param group(s)")
+        return self.lrs[pgid]
+
+    @staticmethod
+    def _n(losses: list, skip_last: int) -> int:
+        if isinstance(skip_last, bool) or not isinstance(skip_last, int) or skip_last < 0:
+            raise ValueError(f"Recorder: skip_last must be an int >= 0, got {skip_last!r}")
+        return max(len(losses) - skip_last, 0)
+
+    def plot_lr(self, pgid: int = -1) -> Figure:
+        """The lr of param group ``pgid`` against the training batch."""
+        fig = Figure()
+        ax = fig.add_subplot()
+        ax.plot(self._lrs(pgid))
+        ax.set_xlabel("batch")
+        ax.set_ylabel("learning rate")
+        return fig
+
+    def plot_loss(self, skip_last: int = 0) -> Figure:
+        """The training loss against the batch, without the last ``skip_last`` batches."""
+        fig = Figure()
+        ax = fig.add_subplot()
+        ax.plot(self.losses[: self._n(self.losses, skip_last)])
+        ax.set_xlabel("batch")
+        ax.set_ylabel("loss")
+        return fig
+
+    def plot(self, skip_last: int = 0, pgid: int = -1) -> Figure:
+        """Loss against the lr of param group ``pgid`` on a log x axis: the LR finder's picture."""
+        lrs, n = self._lrs(pgid), self._n(self.losses, skip_last)
+        fig = Figure()
+        ax = fig.add_subplot()
+        ax.set_xscale("log")
+        ax.plot(lrs[:n], self.losses[:n])
+        ax.set_xlabel("learning rate (log scale)")
+        ax.set_ylabel("loss")
+        return fig
+
+
+class ParamScheduler(Callback):
+    """Before each training batch, set ``pg[pname] = f(n_epochs / epochs)`` for every param group.
+
+    ``sched_funcs`` is one schedule for all groups, or a list/tuple with one per group (discriminative
+    learning rates: e.g. one for the weights, one for the biases). A count mismatch is a ValueError.
+    """
+
+    _order = 1
+
+    def __init__(self, pname: str, sched_funcs: Callable | list | tuple):
+        if not isinstance(pname, str):
+            raise TypeError(f"ParamScheduler: pname must be a str such as 'lr', got {pname!r}")
+        funcs = list(sched_funcs) if isinstance(sched_funcs, (list, tuple)) else [sched_funcs]
+        for f in funcs:
+            if not callable(f):
+                raise TypeError(f"ParamScheduler: schedules must be callables pos -> value, got {f!r}")
+        self.pname, self.sched_funcs = pname, sched_funcs
+
+    def begin_fit(self):
+        n_groups = len(self.opt.param_groups)
+        if isinstance(self.sched_funcs, (list, tuple)):
+            if len(self.sched_funcs) != n_groups:
+                raise ValueError(
+                    f"ParamScheduler: got {len(self.sched_funcs)} schedules for {n_groups} param group(s); "
+                    f"give one schedule, or exactly one per param group"
+                )
+            self._funcs = list(self.sched_funcs)
+        else:
+            self._funcs = [self.sched_funcs] * n_groups  # not written back: the callback can fit again
+
+    def set_param(self) -> None:
+        pos = self.n_epochs / self.epochs
+        for pg, f in zip(self.opt.param_groups, self._funcs, strict=True):
+            pg[self.pname] = f(pos)
+
+    def begin_batch(self):
+        if self.in_train:
+            self.set_param()
+
+
+class LR_Find(Callback):
+    """The LR finder: raise the lr exponentially from ``min_lr`` to ``max_lr`` over ``max_iter`` batches.
+
+    Batch ``i`` trains at ``min_lr * (max_lr / min_lr) ** (i / max_iter)``; the sweep stops (a
+    ``CancelTrainException``) once the loss exceeds 10x the best so far, or after the batch at
+    ``max_lr`` (``max_iter + 1`` batches). It never validates. Read the result with ``Recorder.plot``.
+    """
+
+    _order = 1
+
+    def __init__(self, max_iter: int = 100, min_lr: float = 1e-6, max_lr: float = 10):
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+            raise ValueError(f"LR_Find: max_iter must be a positive int, got {max_iter!r}")
+        if not 0 < min_lr < max_lr:
+            raise ValueError(f"LR_Find: need 0 < min_lr < max_lr, got min_lr={min_lr!r}, max_lr={max_lr!r}")
+        self.max_iter, self.min_lr, self.max_lr = max_iter, min_lr, max_lr
+        self.best_loss = math.inf
+
+    def begin_fit(self):
+        self.best_loss = math.inf
+
+    def begin_batch(self):
+        if not self.in_train:
+            return
+        pos = self.n_iter / self.max_iter
+        lr = self.min_lr * (self.max_lr / self.min_lr) ** pos
+        for pg in self.opt.param_groups:
+            pg["lr"] = lr
+
+    def after_step(self):
+        loss = _item(self.loss)
+        if self.n_iter >= self.max_iter or not loss <= self.best_loss * 10:  # NaN counts as diverged
+            raise CancelTrainException()
+        self.best_loss = min(self.best_loss, loss)
+
+    def begin_validate(self):
+        return True  # skip validation: the finder only needs the training losses
+
+
+class ProgressCallback(Callback):
+    """A progress bar over epochs and batches (tqdm) with the running loss and metrics.
+
+    On a terminal: an epoch bar and a batch bar, and one summary line per epoch above them. When the
+    output is not a terminal (CI logs, a file, pytest's capture): no bar, just the summary line per
+    epoch, so logs stay clean. ``file`` defaults to ``sys.stdout`` as it is when the fit begins.
+    Metrics are read from an ``AvgStatsCallback`` in the same runner, if there is one.
+    """
+
+    _order = 10  # after the others: show what they computed for this batch
+
+    def __init__(self, file=None, beta: float = 0.98):
+        self.file, self.beta = file, beta
+
+    def _stats(self):
+        avg = getattr(self.run, "avg_stats", None)  # the runner's AvgStatsCallback, if any
+        return avg if isinstance(avg, AvgStatsCallback) else None
+
+    def begin_fit(self):
+        self.out = self.file if self.file is not None else sys.stdout
+        isatty = getattr(self.out, "isatty", None)
+        self.tty = bool(isatty()) if callable(isatty) else False
+        self.mbar = tqdm(total=self.epochs, desc="epoch", unit="epoch", file=self.out, disable=not self.tty)
+        self.pbar = None
+        self.smooth, self.n_smooth = 0.0, 0
+
+    def _new_pbar(self, desc: str, dl) -> None:
+        if self.pbar is not None:
+            self.pbar.close()
+        self.pbar = tqdm(
+            total=len(dl), desc=desc, unit="batch", leave=False, file=self.out, disable=not self.tty
+        )
+
+    def begin_epoch(self):
+        self._new_pbar("train", self.data.train_dl)
+
+    def begin_validate(self):
+        self._new_pbar("valid", self.data.valid_dl)
+
+    def after_batch(self):
+        if self.in_train:
+            # Exponential moving average of the loss, debiased (the first batches are not pulled to 0).
+            self.n_smooth += 1
+            self.smooth = self.beta * self.smooth + (1 - self.beta) * _item(self.loss)
+        if self.pbar is None or not self.tty:
+            return
+        postfix = {}
+        if self.n_smooth:
+            postfix["loss"] = f"{self.smooth / (1 - self.beta**self.n_smooth):.4f}"
+        stats = self._stats()
+        if stats is not None:
+            s = stats.train_stats if self.in_train else stats.valid_stats
+            for name, v in zip(s.names[1:], s.avg_stats[1:], strict=True):
+                postfix[name] = f"{v:.4f}"
+        self.pbar.set_postfix(postfix, refresh=False)
+        self.pbar.update(1)
+
+    def epoch_line(self) -> str:
+        """``epoch 2/3  train: loss 0.2311 accuracy 0.9312  valid: loss ...`` for the epoch just done."""
+        parts = [f"epoch {self.epoch + 1}/{self.epochs}"]
+        stats = self._stats()
+        if stats is not None:
+            for label, s in (("train", stats.train_stats), ("valid", stats.valid_stats)):
+                if s.count:
+                    pairs = zip(s.names, s.avg_stats, strict=True)
+                    parts.append(f"{label}: " + " ".join(f"{n} {v:.4f}" for n, v in pairs))
+        elif self.n_smooth:
+            parts.append(f"train: loss {self.smooth / (1 - self.beta**self.n_smooth):.4f}")
+        return "  ".join(parts)
+
+    def after_epoch(self):
+        line = self.epoch_line()
+        if self.tty:
+            self.mbar.write(line, file=self.out)
+            self.mbar.update(1)
+        else:
+            print(line, file=self.out, flush=True)
+
+    def after_fit(self):
+        if self.pbar is not None:
+            self.pbar.close()
+            self.pbar = None
+        self.mbar.close()
+
+
+class DeviceCallback(Callback):
+    """Moves the model to ``device`` when the fit begins and every batch as it begins.
+
+    The optimizer keeps working: ``Module.to`` moves parameters in place, so ``opt`` still holds them.
+    Give the same ``Runner`` ``DeviceCallback('cuda')`` and it trains on the GPU.
+    """
+
+    _order = -10  # before every other callback's begin_batch sees the batch
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def begin_fit(self):
+        self.model.to(self.device)
+
+    def begin_batch(self):
+        self.run.xb, self.run.yb = self.xb.to(self.device), self.yb.to(self.device)
+
+    def __repr__(self) -> str:
+        return f"DeviceCallback({str(self.device)!r})"
