@@ -51,17 +51,6 @@ NH, BS, LR = 50, 64, 0.5  # the notebook's hidden units, batch size and learning
 # Helpers: the data, the lesson's models, and one epoch of the hand-written training loop.
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    """Train on one CPU thread. The lesson's matrices are tiny (64 x 784 @ 784 x 50), so a second
-    thread gains nothing, and on a shared 2-core machine its OpenMP spin-waits made each epoch up to
-    50x slower (measured: the file took 107 s with 2 threads, 21 s with 1). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data(mnist_sample):
     """(x_train, y_train, x_valid, y_valid): pixels in [0, 1] (unnormalised, as the notebook's 03)."""

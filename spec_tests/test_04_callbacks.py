@@ -24,8 +24,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from support import tiny_data
 from torch import nn, optim
-from torch.utils.data import DataLoader as TorchDataLoader
 
 from minilib.callbacks import AvgStatsCallback, DeviceCallback, ProgressCallback, Recorder
 from minilib.data import DataBunch, Dataset, get_dls
@@ -48,27 +48,6 @@ from minilib.learner import (
 from minilib.loss import accuracy
 
 pytestmark = pytest.mark.lesson04
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These models are tiny: on a few shared cores, intra-op threads cost more than they save (one
-    thread trained the MNIST sample ~5x faster on 2 busy cores). Restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_data(n_train=4, n_valid=2, bs=2, valid_bs=4, n_in=3, c=2, dtype=torch.float32) -> DataBunch:
-    """A few random samples in unshuffled loaders: every batch boundary is known in advance."""
-    x_train, x_valid = torch.randn(n_train, n_in, dtype=dtype), torch.randn(n_valid, n_in, dtype=dtype)
-    y_train, y_valid = torch.randint(0, c, (n_train,)), torch.randint(0, c, (n_valid,))
-    return DataBunch(
-        TorchDataLoader(Dataset(x_train, y_train), batch_size=bs),
-        TorchDataLoader(Dataset(x_valid, y_valid), batch_size=valid_bs),
-        c=c,
-    )
 
 
 def tiny_learner(data: DataBunch | None = None, lr: float = 0.1) -> Learner:

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from matplotlib.figure import Figure
+from support import tiny_data
 from torch import optim
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
-from torch.utils.data import DataLoader as TorchDataLoader
 
 from minilib.callbacks import AvgStatsCallback, ParamScheduler, Recorder
 from minilib.data import DataBunch, Dataset, get_dls
@@ -43,27 +43,6 @@ from minilib.schedules import (
 )
 
 pytestmark = pytest.mark.lesson05
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These models are tiny: on a few shared cores, intra-op threads cost more than they save (one
-    thread trained the MNIST sample ~5x faster on 2 busy cores). Restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_data(n_train=16, bs=4, n_valid=4, n_in=3, c=2) -> DataBunch:
-    """Random samples in unshuffled loaders: 4 training batches per epoch, in a known order."""
-    x_train, x_valid = torch.randn(n_train, n_in), torch.randn(n_valid, n_in)
-    y_train, y_valid = torch.randint(0, c, (n_train,)), torch.randint(0, c, (n_valid,))
-    return DataBunch(
-        TorchDataLoader(Dataset(x_train, y_train), batch_size=bs),
-        TorchDataLoader(Dataset(x_valid, y_valid), batch_size=2 * bs),
-        c=c,
-    )
 
 
 # --- Schedules -----------------------------------------------------------------------------------
@@ -247,7 +226,7 @@ def test_param_scheduler_sets_the_lr_from_n_epochs_over_epochs_before_each_batch
     Recorder logs training batches only)."""
     sched = sched_lin(0.5, 0.1)
     run = Runner([ParamScheduler("lr", sched), Recorder()])
-    run.fit(2, create_learner(get_model_func(), F.cross_entropy, tiny_data()))
+    run.fit(2, create_learner(get_model_func(), F.cross_entropy, tiny_data(n_train=16, n_valid=4, bs=4)))
     expected = [sched(k / 8) for k in range(8)]
     assert run.recorder.lrs == [expected], f"\nrecorded {run.recorder.lrs}\nexpected [{expected}]"
     assert len(run.recorder.losses) == 8 and all(isinstance(v, float) for v in run.recorder.losses)
@@ -257,7 +236,11 @@ def test_param_scheduler_drives_sgd_exactly_like_pytorchs_lambda_lr():
     """The same model, data order and one-cycle schedule, trained once by our Runner with a
     ParamScheduler and once by a plain PyTorch loop with LambdaLR(opt, step -> sched(step / T)):
     the same lr at every step, and the same weights at the end."""
-    data, epochs, sched = tiny_data(), 3, combine_scheds([0.3, 0.7], cos_1cycle_anneal(0.1, 0.5, 0.01))
+    data, epochs, sched = (
+        tiny_data(n_train=16, n_valid=4, bs=4),
+        3,
+        combine_scheds([0.3, 0.7], cos_1cycle_anneal(0.1, 0.5, 0.01)),
+    )
     torch.manual_seed(0)
     learn = create_learner(get_model_func(1.0), F.cross_entropy, data)
     run = Runner([ParamScheduler("lr", sched), Recorder()])
@@ -284,7 +267,7 @@ def test_discriminative_learning_rates_one_schedule_per_param_group():
     """Weights and biases in two param groups, each with its own schedule: the Recorder logs one lr
     list per group, and the groups really train at their own rates (biases at lr 0 stay put while
     the weights learn)."""
-    data = tiny_data()
+    data = tiny_data(n_train=16, n_valid=4, bs=4)
     model, _ = get_model(data)
     weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
     biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
@@ -301,7 +284,7 @@ def test_discriminative_learning_rates_one_schedule_per_param_group():
 
 def test_param_scheduler_needs_one_schedule_or_one_per_param_group():
     """Three schedules for two param groups is ambiguous: a ValueError naming both counts."""
-    data = tiny_data()
+    data = tiny_data(n_train=16, n_valid=4, bs=4)
     model, _ = get_model(data)
     opt = optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.1)
     run = Runner([ParamScheduler("lr", [sched_no(1, 1)] * 3)])
@@ -315,7 +298,7 @@ def test_recorder_plots_carry_the_recorded_data_and_show_nothing():
     they are built without pyplot: no window, no global figure left behind."""
     figures_before = plt.get_fignums()
     run = Runner([ParamScheduler("lr", sched_exp(0.01, 1.0)), Recorder()])
-    run.fit(2, create_learner(get_model_func(), F.cross_entropy, tiny_data()))
+    run.fit(2, create_learner(get_model_func(), F.cross_entropy, tiny_data(n_train=16, n_valid=4, bs=4)))
     rec = run.recorder
     figs = rec.plot_lr(), rec.plot_loss(skip_last=2), rec.plot(skip_last=1)
     assert all(isinstance(f, Figure) for f in figs)

@@ -20,6 +20,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from support import tiny_data
 from torch import nn, optim
 from torch.utils.data import DataLoader as TorchDataLoader
 
@@ -38,27 +39,6 @@ from minilib.learner import (
 )
 
 pytestmark = pytest.mark.lesson05b
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These models are tiny: on a few shared cores, intra-op threads cost more than they save (one
-    thread trained the MNIST sample ~5x faster on 2 busy cores). Restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_data(n_train=4, bs=2, n_valid=2, n_in=3, c=2) -> DataBunch:
-    """Random samples in unshuffled loaders (2 training batches and 1 validation batch by default)."""
-    x_train, x_valid = torch.randn(n_train, n_in), torch.randn(n_valid, n_in)
-    y_train, y_valid = torch.randint(0, c, (n_train,)), torch.randint(0, c, (n_valid,))
-    return DataBunch(
-        TorchDataLoader(Dataset(x_train, y_train), batch_size=bs),
-        TorchDataLoader(Dataset(x_valid, y_valid), batch_size=2 * bs),
-        c=c,
-    )
 
 
 def tiny_learner(data=None) -> Learner:
