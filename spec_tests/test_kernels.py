@@ -1,0 +1,444 @@
+"""Beyond the lessons: lesson 03's cross-entropy as one fused kernel, and lesson 01's matmul tiled for a GPU.
+
+03_minibatch_training builds the loss in two steps: ``log_softmax`` (with the LogSumExp trick) and
+``nll``, which picks each row's log-probability of its target. That writes an N x V tensor only to
+read one number per row back. Per row, the loss needs just two numbers: logsumexp(x) and x[target].
+``minilib.kernels.fused_cross_entropy`` reads each row once, keeping a running max and a running
+sum of exponentials (the online softmax), so it moves N x V numbers once instead of three or four
+times and allocates no N x V temporary. Its backward needs three numbers per row and writes the
+gradient, softmax - onehot, in one sweep. On the CPU it is a C++ kernel built on first use (with a
+chunked torch fallback); on CUDA, Triton kernels, which these tests run in Triton's interpreter
+(``TRITON_INTERPRET=1``) when there is no GPU. Last, 01_matmul's triple loop, tiled: Triton's
+matmul with grouped tile order, checked against torch in the interpreter on small shapes.
+Everything is compared with ``F.cross_entropy``/``torch.matmul``, in float64 where precision is
+not the point; speed is the benchmarks' job (benchmarks/), not these tests'.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minilib import _cpu_cross_entropy as cpu_ce
+from minilib import kernels
+from minilib.kernels import fused_cross_entropy, triton_matmul
+from minilib.loss import cross_entropy as lesson_cross_entropy
+from minilib.testing import test_near
+
+pytestmark = pytest.mark.kernels
+
+try:
+    from minilib import _triton_kernels as tk
+except ImportError:
+    tk = None
+
+CUDA = torch.cuda.is_available()
+
+
+def reference(logits, target, grad_out=1.0):
+    """F.cross_entropy in float64 and its gradient: the yardstick for every path."""
+    x = logits.detach().double().requires_grad_()
+    loss = F.cross_entropy(x, target)
+    (loss * grad_out).backward()
+    return loss.detach(), x.grad
+
+
+def fused_with_grad(logits, target, fn=fused_cross_entropy, grad_out=1.0):
+    x = logits.detach().clone().requires_grad_()
+    loss = fn(x, target)
+    (loss * grad_out).backward()
+    return loss.detach(), x.grad
+
+
+def assert_matches_reference(logits, target, fn=fused_cross_entropy, grad_out=1.0):
+    loss, grad = fused_with_grad(logits, target, fn, grad_out)
+    ref_loss, ref_grad = reference(logits, target, grad_out)
+    assert loss.dtype == logits.dtype and grad.dtype == logits.dtype and grad.shape == logits.shape
+    test_near(loss.double(), ref_loss)
+    test_near(grad.double(), ref_grad)
+
+
+def logits_and_target(n, v, scale=1.0, dtype=torch.float32):
+    return (torch.randn(n, v) * scale).to(dtype), torch.randint(0, v, (n,))
+
+
+# --- From log_softmax + nll to one fused pass ------------------------------------------------
+
+
+def test_fused_loss_equals_the_lessons_log_softmax_plus_nll():
+    """The fused kernel computes the same number as the lesson's cross_entropy = nll(log_softmax(x), y),
+    and both equal F.cross_entropy: fusing changes how the loss is computed, not what it is."""
+    x, y = logits_and_target(64, 1000, scale=3.0)
+    test_near(fused_cross_entropy(x, y), lesson_cross_entropy(x, y))
+    test_near(fused_cross_entropy(x, y).double(), F.cross_entropy(x.double(), y))
+
+
+def test_fused_loss_of_uniform_logits_is_log_v():
+    """A sanity anchor from the lesson: equal scores mean a uniform softmax, so the loss is log(V)."""
+    x = torch.zeros(5, 1234)
+    test_near(fused_cross_entropy(x, torch.randint(0, 1234, (5,))), torch.tensor(math.log(1234)))
+
+
+def test_cpu_float32_runs_the_compiled_kernel():
+    """On a machine with a C++ compiler and ninja, CPU float32 logits take the C++ kernel (built once,
+    then cached); the tests below then check that kernel, not the fallback. In CI the build must work;
+    elsewhere a machine without a compiler skips this (and runs everything else on the fallback)."""
+    if os.environ.get("MINILIB_NO_EXTENSION") == "1":
+        pytest.skip("MINILIB_NO_EXTENSION=1: the fallback is forced")
+    backend = kernels.cpu_backend()
+    if backend != "cpp" and not os.environ.get("CI"):
+        pytest.skip(f"the C++ kernel could not be built here: {backend}")
+    assert backend == "cpp", backend
+
+
+def test_gradient_is_softmax_minus_onehot_over_n():
+    """The backward needs no autograd graph through log_softmax: d loss / d x = (softmax(x) - onehot(y)) / N,
+    written in one sweep from the saved row max and log-sum. Checked against that formula and autograd."""
+    x, y = logits_and_target(16, 300, scale=2.0)
+    _, grad = fused_with_grad(x, y)
+    expected = (torch.softmax(x.double(), 1) - F.one_hot(y, 300).double()) / 16
+    test_near(grad.double(), expected)
+    assert_matches_reference(x, y)
+
+
+def test_backward_scales_by_the_incoming_gradient():
+    """The kernel multiplies by grad_out, so the loss can be weighted (3 * loss) or summed with others."""
+    x, y = logits_and_target(8, 50)
+    assert_matches_reference(x, y, grad_out=3.0)
+
+
+def test_extreme_logits_stay_finite_and_exact():
+    """Logits of +-1e4, mixed in one row and alone: exp(1e4) overflows float32, the running max keeps every
+    exp() at most e^64, and x - max is subtracted before anything else so the loss keeps its digits."""
+    x = torch.tensor(
+        [
+            [1e4, -1e4, 0.0, 1e4 - 1.0, 5.0],
+            [-1e4, -1e4, -1e4, -1e4, -1e4 + 2.0],
+            [1e4, 1e4, 1e4, 1e4, 1e4],
+            [-1e4, 1e4, -1e4, 3.0, 1e4 + 1.0],
+        ]
+    )
+    y = torch.tensor([1, 4, 2, 0])
+    loss, _ = fused_with_grad(x, y)
+    assert torch.isfinite(loss)
+    assert_matches_reference(x, y)
+
+
+def test_extreme_logits_climbing_along_a_long_row():
+    """A row whose max climbs by more than 64 between blocks makes the kernel rescale its running sum
+    and sum a block again; every such step must still give F.cross_entropy's loss and gradient."""
+    v = 10_000
+    x = torch.linspace(-1e4, 1e4, v).repeat(3, 1)
+    x[1] = x[1].flip(0)
+    x[2, 5000] = 2e4
+    y = torch.tensor([v - 1, 0, 17])
+    assert_matches_reference(x, y)
+
+
+def test_non_contiguous_logits_are_handled():
+    """A column slice (row stride != V) is read in place; a transposed tensor is copied first. Both give
+    the same loss and gradient as contiguous logits."""
+    base = torch.randn(12, 300)
+    y = torch.randint(0, 200, (12,))
+    assert_matches_reference(base[:, 50:250], y)
+    assert_matches_reference(torch.randn(200, 12).t(), y)
+    assert_matches_reference(base[::2, :200], y[::2])
+
+
+def test_a_single_row():
+    """N = 1: the mean over one row is that row's loss."""
+    x, y = logits_and_target(1, 777, scale=4.0)
+    assert_matches_reference(x, y)
+
+
+def test_two_classes():
+    """V = 2, the smallest vocabulary (a binary classifier written as two logits)."""
+    x, y = logits_and_target(9, 2, scale=5.0)
+    assert_matches_reference(x, y)
+
+
+def test_a_256k_vocabulary():
+    """V = 256k (a large language model's vocabulary): rows span many blocks, the running sum is kept in
+    double, and the gradient is still within the lesson's tolerance of F.cross_entropy's."""
+    x, y = logits_and_target(2, 256_000, scale=3.0)
+    assert_matches_reference(x, y)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 9),
+    v=st.integers(2, 5000),
+    scale=st.sampled_from([0.01, 1.0, 10.0, 100.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_pytorch_for_any_shape(n, v, scale, seed):
+    """Any N, any V (odd sizes leave a ragged last block and an un-vectorised tail), any logit scale:
+    loss and gradient match F.cross_entropy."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, v, generator=g) * scale
+    y = torch.randint(0, v, (n,), generator=g)
+    assert_matches_reference(x, y)
+
+
+def test_result_keeps_dtype_and_bfloat16_is_within_bfloat16_tolerance():
+    """bfloat16 and float64 logits go to the torch path (computed in float32 and float64); the loss comes
+    back in the input's dtype. bfloat16 keeps ~3 significant digits, so it is compared at 1e-2."""
+    x, y = logits_and_target(6, 500, scale=3.0, dtype=torch.bfloat16)
+    loss, grad = fused_with_grad(x, y)
+    ref_loss, ref_grad = reference(x, y)
+    assert loss.dtype == torch.bfloat16 and grad.dtype == torch.bfloat16
+    assert torch.allclose(loss.double(), ref_loss, rtol=1e-2, atol=1e-2), (loss, ref_loss)
+    assert torch.allclose(grad.double(), ref_grad, rtol=2e-2, atol=1e-4), (
+        (grad.double() - ref_grad).abs().max()
+    )
+    assert_matches_reference(*logits_and_target(6, 500, scale=3.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "target, error, match",
+    [
+        (
+            torch.tensor([0, 7, 1]),
+            IndexError,
+            "target holds class 7 at position 1, but input has only 5 classes",
+        ),
+        (torch.tensor([0, -1, 1]), IndexError, "target holds class -1"),
+        (torch.tensor([0, 1, 1], dtype=torch.int32), ValueError, "target must be int64"),
+        (torch.tensor([0, 1]), ValueError, "target must be 1-D with one class per row"),
+    ],
+)
+def test_bad_targets_fail_like_the_lessons_loss(target, error, match):
+    """Bad targets get the loss module's errors, named after this function, before any kernel runs:
+    a class outside [0, V) would otherwise read outside the row."""
+    with pytest.raises(error, match=match) as info:
+        fused_cross_entropy(torch.randn(3, 5), target)
+    assert "fused_cross_entropy" in str(info.value)
+
+
+def test_bad_logits_fail_early():
+    """Integer scores, a 1-D input or a list are rejected with the function's name and what was expected."""
+    with pytest.raises(ValueError, match="fused_cross_entropy: input must be a floating-point tensor"):
+        fused_cross_entropy(torch.ones(3, 5, dtype=torch.int64), torch.tensor([0, 1, 2]))
+    with pytest.raises(TypeError, match="fused_cross_entropy: input must be a torch.Tensor"):
+        fused_cross_entropy([[0.5, 0.5]], torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"fused_cross_entropy: input must be 2-D \[N, C\]"):
+        fused_cross_entropy(torch.randn(5), torch.tensor([0]))
+
+
+# --- The fallback and the memory it saves ---------------------------------------------------
+
+
+def test_fallback_equals_the_compiled_kernel():
+    """Where the C++ build fails, the chunked torch path runs instead: the same algorithm in torch ops, a
+    chunk of rows at a time. It must give what the compiled kernel gives (both against float64)."""
+    x, y = logits_and_target(40, 3000, scale=5.0)
+    assert_matches_reference(x, y, fn=cpu_ce.ChunkedCrossEntropy.apply)
+    chunked_loss, chunked_grad = fused_with_grad(x, y, cpu_ce.ChunkedCrossEntropy.apply)
+    fused_loss, fused_grad = fused_with_grad(x, y)
+    test_near(chunked_loss, fused_loss)
+    test_near(chunked_grad, fused_grad)
+
+
+def test_a_failed_build_warns_once_and_the_fallback_runs(monkeypatch):
+    """If the compiler or ninja is missing, the user is told once, not at every step, and still gets
+    the right loss (the build itself is simulated to fail here)."""
+    monkeypatch.delenv("MINILIB_NO_EXTENSION", raising=False)
+    monkeypatch.setattr(cpu_ce, "_state", {"module": None, "tried": False, "error": None})
+    monkeypatch.setattr(cpu_ce, "_build", lambda: (None, "simulated: no C++ compiler"))
+    x, y = logits_and_target(4, 30)
+    with pytest.warns(
+        RuntimeWarning, match="could not build the C.. kernel .simulated: no C.. compiler"
+    ) as seen:
+        assert_matches_reference(x, y)
+        assert_matches_reference(x, y)
+    assert len([w for w in seen if issubclass(w.category, RuntimeWarning)]) == 1
+    assert kernels.cpu_backend().startswith("torch fallback")
+
+
+def test_fallback_chunk_is_bounded_independently_of_n():
+    """The fallback's only large buffer holds chunk_rows(V) rows: at most CHUNK_ELEMENTS numbers (or one
+    row, if a row alone is bigger), whatever N is."""
+    for v in (2, 1000, 32_000, 256_000, 5_000_000):
+        rows = cpu_ce.chunk_rows(v)
+        assert rows >= 1
+        assert rows * v <= max(cpu_ce.CHUNK_ELEMENTS, v), (v, rows)
+
+
+def _peak_extra_rss_mb(fn) -> float:
+    """Peak resident memory (MiB) that fn() adds on top of what the process holds before it (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak (VmHWM) to the current RSS
+        f.write("5")
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+
+    before = status("VmRSS:")
+    result = fn()
+    peak = status("VmHWM:")
+    del result
+    return peak - before
+
+
+@pytest.mark.skipif(
+    not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs"
+)
+def test_fused_forward_allocates_no_n_by_v_temporary():
+    """Why the fused kernel is faster: it never writes log_softmax. At (2048, 32768) float32, 256 MiB of
+    logits, F.cross_entropy's forward needs another 256 MiB for log_softmax; the fused forward's peak is a
+    few numbers per row, and its backward allocates the gradient and nothing else of that size."""
+    n, v = 2048, 32768
+    nv_mb = n * v * 4 / 2**20
+    x = torch.randn(n, v)
+    y = torch.randint(0, v, (n,))
+    fused_cross_entropy(x[:2, :100], y[:2] % 100)  # load the kernel first: its code is not the point
+    torch_fwd = _peak_extra_rss_mb(lambda: F.cross_entropy(x, y))
+    fused_fwd = _peak_extra_rss_mb(lambda: fused_cross_entropy(x, y))
+    chunked_fwd = _peak_extra_rss_mb(lambda: cpu_ce.ChunkedCrossEntropy.apply(x, y))
+    assert torch_fwd > 0.9 * nv_mb, (
+        f"F.cross_entropy's forward added only {torch_fwd:.0f} MiB"
+    )  # the test sees it
+    assert fused_fwd < 16, f"fused forward added {fused_fwd:.0f} MiB (logits are {nv_mb:.0f} MiB)"
+    chunk_mb = cpu_ce.CHUNK_ELEMENTS * 4 / 2**20
+    assert chunked_fwd < chunk_mb + 16, (
+        f"chunked forward added {chunked_fwd:.0f} MiB (chunk: {chunk_mb:.0f} MiB)"
+    )
+    xg = x.requires_grad_()
+
+    def fused_fwd_bwd():
+        fused_cross_entropy(xg, y).backward()
+        return xg.grad
+
+    fused_both = _peak_extra_rss_mb(fused_fwd_bwd)
+    assert fused_both < nv_mb + 16, (
+        f"fused forward+backward added {fused_both:.0f} MiB; the gradient is {nv_mb:.0f}"
+    )
+
+
+# --- The Triton kernels, in the interpreter without a GPU ------------------------------------
+
+
+def triton_device() -> str:
+    """Where the Triton kernels can run here: 'cuda' when compiled, 'cpu' in the interpreter; else skip."""
+    if tk is None:
+        pytest.skip("Triton is not installed (pip install 'minilib[triton]')")
+    if tk.INTERPRET:
+        return "cpu"
+    if CUDA:
+        return "cuda"
+    pytest.skip("Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 to run in Triton's interpreter")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n, v, block_v", [(3, 10, None), (4, 100, 32), (1, 2, None), (2, 1000, 256)])
+def test_triton_cross_entropy_matches_pytorch(n, v, block_v, dtype):
+    """The Triton kernel walks each row in BLOCK_V columns (several blocks and a masked tail when
+    BLOCK_V < V) with the same online max and sum. float32 must meet the lesson's tolerance; float16
+    logits are read as they are and summed in float32, so they meet float16's (1e-3 relative, 1e-4)."""
+    device = triton_device()
+    x = (torch.randn(n, v) * 4).to(dtype).to(device)
+    y = torch.randint(0, v, (n,)).to(device)
+    loss, grad = fused_with_grad(x, y, fn=lambda a, b: tk.cross_entropy_fixed(a, b, block_v))
+    ref_loss, ref_grad = reference(x.cpu(), y.cpu())
+    assert loss.dtype == dtype and grad.dtype == dtype
+    if dtype == torch.float32:
+        test_near(loss.double().cpu(), ref_loss)
+        test_near(grad.double().cpu(), ref_grad)
+    else:
+        assert torch.allclose(loss.double().cpu(), ref_loss, rtol=1e-3, atol=1e-3), (loss, ref_loss)
+        diff = (grad.double().cpu() - ref_grad).abs().max()
+        assert torch.allclose(grad.double().cpu(), ref_grad, rtol=1e-3, atol=1e-4), diff
+
+
+def test_triton_cross_entropy_handles_extreme_and_strided_logits():
+    """+-1e4 logits across block boundaries, and a column slice read with its own row stride."""
+    device = triton_device()
+    x = torch.tensor([[1e4, -1e4, 0.0, 1e4 - 1.0, 5.0, -3.0], [-1e4, -1e4, 2.0, -1e4, 1e4, 1e4]])
+    wide = torch.randn(2, 20)
+    wide[:, 4:10] = x
+    y = torch.tensor([1, 4])
+    for logits in (x, wide[:, 4:10]):
+        loss, grad = fused_with_grad(
+            logits.to(device), y.to(device), fn=lambda a, b: tk.cross_entropy_fixed(a, b, 4)
+        )
+        ref_loss, ref_grad = reference(logits, y)
+        test_near(loss.double().cpu(), ref_loss)
+        test_near(grad.double().cpu(), ref_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m, k, n", [(64, 64, 64), (33, 17, 45), (5, 100, 3)])
+def test_triton_matmul_matches_torch(m, k, n, dtype):
+    """01_matmul's triple loop, tiled: each program computes a 16 x 16 tile of C, stepping through K with
+    a float32 accumulator; tiles past the edges are masked. (64, 64, 64) has 16 tiles in groups of 2 rows,
+    so the grouped order is exercised. float16 products are compared at float16's tolerance."""
+    device = triton_device()
+    a = torch.randn(m, k).to(dtype).to(device)
+    b = torch.randn(k, n).to(dtype).to(device)
+    c = tk.matmul_fixed(a, b, 16, 16, 16, group_m=2)
+    expected = a.cpu().double() @ b.cpu().double()
+    assert c.dtype == dtype and c.shape == (m, n)
+    if dtype == torch.float32:
+        test_near(c.cpu().double(), expected)
+    else:
+        assert torch.allclose(c.cpu().double(), expected, rtol=1e-2, atol=1e-2), (
+            (c.cpu().double() - expected).abs().max()
+        )
+
+
+def test_triton_matmul_public_function_and_its_errors():
+    """triton_matmul checks its operands like the lesson's matmul; without a GPU it runs in the interpreter
+    when TRITON_INTERPRET=1 and otherwise says a CUDA tensor is needed."""
+    a, b = torch.randn(40, 24), torch.randn(24, 8)
+    with pytest.raises(ValueError, match="triton_matmul: inner sizes differ: a is 40x24 but b is 8x24"):
+        triton_matmul(a, b.t())
+    with pytest.raises(ValueError, match="triton_matmul: a must be float16, bfloat16 or float32"):
+        triton_matmul(a.long(), b)
+    if tk is None:
+        with pytest.raises(ImportError, match="Triton is not installed"):
+            triton_matmul(a, b)
+    elif tk.INTERPRET:
+        test_near(triton_matmul(a, b).double(), a.double() @ b.double())
+    else:
+        with pytest.raises(ValueError, match="triton_matmul: a and b must be CUDA tensors"):
+            triton_matmul(a, b)
+
+
+# --- On a GPU -----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not CUDA or tk is None or (tk is not None and tk.INTERPRET), reason="needs CUDA and compiled Triton"
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_fused_cross_entropy_matches_pytorch(dtype):
+    """On a GPU, fused_cross_entropy runs the Triton kernels at a real vocabulary size."""
+    x = (torch.randn(64, 128_256, device="cuda") * 3).to(dtype)
+    y = torch.randint(0, 128_256, (64,), device="cuda")
+    loss, grad = fused_with_grad(x, y)
+    ref_loss, ref_grad = reference(x, y)
+    tol = dict(rtol=1e-3, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-6)
+    assert torch.allclose(loss.double(), ref_loss, **tol), (loss, ref_loss)
+    assert torch.allclose(grad.double(), ref_grad, **tol), (grad.double() - ref_grad).abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not CUDA or tk is None or (tk is not None and tk.INTERPRET), reason="needs CUDA and compiled Triton"
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_triton_matmul_matches_cublas(dtype):
+    """The autotuned kernel against torch.matmul (cuBLAS) at an awkward size."""
+    a = torch.randn(1000, 700, device="cuda", dtype=dtype)
+    b = torch.randn(700, 1030, device="cuda", dtype=dtype)
+    c = triton_matmul(a, b)
+    expected = a.double() @ b.double()
+    rel = (c.double() - expected).abs().max() / expected.abs().max()
+    assert rel < (1e-5 if dtype == torch.float32 else 1e-2), rel
