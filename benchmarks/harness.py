@@ -1,0 +1,362 @@
+"""What every benchmark shares: the case sets, the machine's measured limits, check-then-time, the roofline.
+
+Every benchmark follows one recipe:
+
+1. build the inputs and the float64 reference;
+2. call the kernel once, untimed (`call_with_peak_memory`), recording the peak memory of that call, and
+   check its output against the reference (`check_close`): a wrong kernel is never timed;
+3. time it with pytest-benchmark (`time_kernel`): calibrated rounds for fast kernels, a few pedantic rounds
+   for slow ones; CUDA work is synchronised inside the timed function, so a round ends when the GPU is done;
+4. record in ``extra_info`` (`record`) what a reader needs to judge the number: shape, dtype, device,
+   flops and bytes, GFLOP/s and GB/s, the measured limit compared with, and ``fraction_of_limit``: the
+   roofline floor ``max(flops / peak, bytes / bandwidth)`` divided by the measured (minimum) time.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+SETS = ("tiny", "quick", "full")
+
+# Sizes per set. "tiny" is what `pytest --benchmark-disable` (nox -s tests) runs: every case once, in seconds.
+# "quick" must finish in well under 3 minutes on a shared 2-core machine; "full" is the documented set.
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "ladder": (3, 16, 4),
+        "wide": (64, 16, 4),
+        "wide_kernels": ("elementwise", "broadcast", "einsum", "torch"),
+        "square_cpu": (32, 64),
+        "square_gpu": (64,),
+        "ce_cpu": ((64, 10), (32, 100)),
+        "ce_gpu": ((64, 1000),),
+        "limit_sgemm": 128,
+        "limit_sgemm_gpu": 256,
+        "limit_stream_mib": 4,
+        "limit_seconds": 0.0,
+        "budget_s": 0.0,
+        "min_slow_rounds": 1,
+    },
+    "quick": {
+        "ladder": (5, 784, 10),
+        "wide": (50_000, 784, 10),
+        "wide_kernels": ("einsum", "torch"),
+        "square_cpu": (256, 1024),
+        "square_gpu": (1024, 4096),
+        "ce_cpu": ((50_000, 10), (1024, 32_000)),
+        "ce_gpu": ((8192, 128_256),),
+        "limit_sgemm": 2048,
+        "limit_sgemm_gpu": 8192,
+        "limit_stream_mib": 256,
+        "limit_seconds": 1.5,
+        "budget_s": 1.0,
+        "min_slow_rounds": 1,
+    },
+    "full": {
+        "ladder": (5, 784, 10),
+        "wide": (50_000, 784, 10),
+        "wide_kernels": ("elementwise", "broadcast", "einsum", "torch"),
+        "square_cpu": (128, 256, 512, 1024, 2048),
+        "square_gpu": (1024, 2048, 4096, 8192),
+        "ce_cpu": ((50_000, 10), (4096, 32_000), (8192, 32_000)),
+        "ce_gpu": ((8192, 32_000), (8192, 128_256)),
+        "limit_sgemm": 2048,
+        "limit_sgemm_gpu": 8192,
+        "limit_stream_mib": 512,
+        "limit_seconds": 3.0,
+        "budget_s": 3.0,
+        "min_slow_rounds": 2,
+    },
+}
+
+# A kernel whose first (checking) call takes longer than this is timed in pedantic mode with a few rounds;
+# faster ones go through pytest-benchmark's calibration, which repeats sub-millisecond kernels per round.
+SLOW_CALL_S = 0.02
+
+DTYPES = {"float32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "float64": torch.float64}
+
+# The lesson's tolerance (`near`: rtol 1e-3, atol 1e-5) for float32; reduced-precision formats round their
+# inputs (tf32 keeps 10 mantissa bits, bf16 keeps 7), so their checks are looser by that much.
+TOLERANCES = {"float32": (1e-3, 1e-5), "tf32": (5e-3, 1e-5), "bf16": (2e-2, 1e-3)}
+
+
+def bench_set(config: Any) -> str:
+    """The set a pytest run asked for (--bench-set); default: tiny under --benchmark-disable, else full."""
+    chosen = config.getoption("bench_set", None)
+    if chosen:
+        return chosen
+    return "tiny" if config.getoption("benchmark_disable", False) else "full"
+
+
+def sizes(set_name: str) -> dict[str, Any]:
+    return SIZES[set_name]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def synchronised(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
+    """`fn`, but on CUDA it returns only once the GPU has finished, so a timer around it times the kernel."""
+    if not device.startswith("cuda"):
+        return fn
+
+    def run() -> Any:
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Limits, measured at the start of a run (never assumed from a datasheet).
+
+
+def _best_of(fn: Callable[[], Any], device: str, repeats: int, min_seconds: float = 0.0) -> float:
+    """Fastest of at least `repeats` calls, going on until `min_seconds` have passed.
+
+    On a shared machine a limit measured in one busy moment comes out low (a 2-thread BLAS call waits
+    for a busy core); repeating for a while gives it a chance to see the machine as it can be.
+    """
+    fn()  # warm-up: first-touch page faults, BLAS thread start, CUDA context and kernel selection
+    sync(device)
+    best, n, begin = math.inf, 0, time.perf_counter()
+    while n < repeats or time.perf_counter() - begin < min_seconds:
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+        n += 1
+    return best
+
+
+def measure_cpu_limits(set_name: str) -> dict[str, Any]:
+    """Peak float32 FLOP/s (a square sgemm) and read bandwidth (`x.sum()` over an array beyond the caches)."""
+    s = SIZES[set_name]
+    n, seconds = s["limit_sgemm"], s["limit_seconds"]
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    t_mm = _best_of(lambda a=a, b=b: torch.mm(a, b), "cpu", 5, seconds)
+    del a, b
+    numel = s["limit_stream_mib"] * 2**20 // 4
+    x = torch.rand(numel)
+    t_sum = _best_of(lambda x=x: x.sum(), "cpu", 10, seconds)
+    del x
+    return {
+        "device": "cpu",
+        "peak_gflops": {"float32": 2 * n**3 / t_mm / 1e9},
+        "bandwidth_gbps": numel * 4 / t_sum / 1e9,
+        "method": {
+            "peak_gflops": f"torch.mm of two {n}x{n} float32 matrices, fastest of >= 5 calls "
+            f"over >= {seconds} s",
+            "bandwidth_gbps": f"x.sum() over {numel * 4 // 2**20} MiB of float32, fastest of >= 10 calls "
+            f"over >= {seconds} s (bytes read)",
+        },
+        "threads": torch.get_num_threads(),
+    }
+
+
+def measure_gpu_limits(set_name: str) -> dict[str, Any]:
+    """Copy bandwidth (read + write of a large tensor) and matmul peaks for bf16, tf32 and float32."""
+    s = SIZES[set_name]
+    dev = "cuda"
+    n = s["limit_sgemm_gpu"]
+    peaks, methods = {}, {}
+    for label in ("bf16", "tf32", "float32"):
+        a = torch.rand(n, n, device=dev, dtype=DTYPES[label])
+        b = torch.rand(n, n, device=dev, dtype=DTYPES[label])
+        with allow_tf32(label == "tf32"):
+            t = _best_of(lambda a=a, b=b: torch.mm(a, b), dev, 5)
+        peaks[label] = 2 * n**3 / t / 1e9
+        del a, b
+    methods["peak_gflops"] = f"torch.mm of two {n}x{n} matrices per dtype, best of 5 (synchronised)"
+    numel = s["limit_stream_mib"] * 4 * 2**20 // 4  # 4x the CPU size: GPU caches are large
+    x = torch.rand(numel, device=dev)
+    y = torch.empty_like(x)
+    t_copy = _best_of(lambda x=x, y=y: y.copy_(x), dev, 10)
+    del x, y
+    methods["bandwidth_gbps"] = (
+        f"y.copy_(x) of {numel * 4 // 2**20} MiB float32, best of 10 (bytes read + written)"
+    )
+    return {
+        "device": "cuda",
+        "name": torch.cuda.get_device_name(0),
+        "peak_gflops": peaks,
+        "bandwidth_gbps": 2 * numel * 4 / t_copy / 1e9,
+        "method": methods,
+    }
+
+
+@contextmanager
+def allow_tf32(enabled: bool) -> Iterator[None]:
+    """Let CUDA matmuls use TensorFloat-32 inside the block (PyTorch's default is off for matmul)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Peak memory of one call.
+
+CPU_PEAK_METHOD = (
+    "rise of the process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) "
+    "over its resident set before the call; memory the allocator kept from earlier calls is not counted, "
+    "so small cases can read low"
+)
+GPU_PEAK_METHOD = (
+    "torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory allocated before"
+)
+
+
+def _proc_status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # "5" resets the peak RSS to the current RSS (Linux >= 4.0)
+    except OSError:
+        return False
+    return True
+
+
+def call_with_peak_memory(fn: Callable[[], Any], device: str) -> tuple[Any, float, int | None, str]:
+    """Call `fn` once; return (result, seconds, peak extra bytes or None, how the peak was measured)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        return out, seconds, torch.cuda.max_memory_allocated() - before, GPU_PEAK_METHOD
+    rss = _proc_status_kib("VmRSS")
+    ok = rss is not None and _reset_hwm()
+    start = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - start
+    hwm = _proc_status_kib("VmHWM") if ok else None
+    if rss is None or hwm is None:
+        return out, seconds, None, "not measured (no /proc/self/clear_refs)"
+    return out, seconds, max(hwm - rss, 0) * 1024, CPU_PEAK_METHOD
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks.
+
+
+def check_close(
+    what: str, got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float, scale: float = 1.0
+) -> float:
+    """Raise AssertionError unless ``got * scale`` is within rtol/atol of `want` (compared in float64).
+
+    Returns the largest absolute difference. Works through the tensors in chunks, so that checking a
+    gigabyte of logits' gradient does not need four more gigabytes of float64 temporaries.
+    """
+    if got.shape != want.shape:
+        raise AssertionError(f"{what}: shape {tuple(got.shape)} but the reference has {tuple(want.shape)}")
+    g_all, w_all = got.detach().reshape(-1), want.detach().reshape(-1)
+    chunk = 1 << 22
+    max_diff = 0.0
+    for start in range(0, g_all.numel(), chunk):
+        g = g_all[start : start + chunk].double() * scale
+        w = w_all[start : start + chunk].double()
+        diff = (g - w).abs()
+        bad = ~(diff <= atol + rtol * w.abs())  # written this way round so that NaN counts as bad
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise AssertionError(
+                f"{what}: differs from the float64 reference beyond rtol={rtol}, atol={atol}: element "
+                f"{start + i} (flat index) is {g[i].item()!r} but the reference is {w[i].item()!r} "
+                f"(abs diff {diff[i].item():.3g})"
+            )
+        max_diff = max(max_diff, diff.max().item())
+    return max_diff
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Timing and the roofline record.
+
+
+def time_kernel(
+    benchmark: Any, fn: Callable[[], Any], first_call_s: float, sizes: dict[str, Any], device: str
+) -> None:
+    """Time `fn` with pytest-benchmark: calibrated for fast kernels, a few pedantic rounds for slow ones.
+
+    `first_call_s` is the checking call's time. On CUDA that call may have included compiling and autotuning
+    a Triton kernel, so one more (cheap) call decides; CPU kernels are warmed up before their checking call.
+    """
+    if first_call_s >= SLOW_CALL_S and device.startswith("cuda"):
+        start = time.perf_counter()
+        fn()
+        first_call_s = time.perf_counter() - start
+    if first_call_s < SLOW_CALL_S:
+        benchmark(fn)  # calibration repeats sub-millisecond kernels enough per round
+        return
+    rounds = int(sizes["budget_s"] / first_call_s) if first_call_s > 0 else 1
+    rounds = max(1 if first_call_s > 3.0 else sizes["min_slow_rounds"], min(rounds, 10))
+    # The checking call warmed caches and the allocator; a warm-up round would double the cost of slow cases.
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
+
+
+def record(
+    benchmark: Any,
+    limits: dict[str, Any],
+    *,
+    dtype: str,
+    flops: float | None,
+    bytes_moved: float,
+    first_call_s: float,
+    peak_mem: int | None,
+    peak_mem_method: str,
+    **info: Any,
+) -> None:
+    """Fill `benchmark.extra_info` with the case, its throughput and its fraction of the roofline floor."""
+    stats = getattr(benchmark, "stats", None)
+    if benchmark.enabled and stats:
+        seconds, timing = stats.stats.min, f"min of {stats.stats.rounds} rounds"
+    else:
+        seconds, timing = first_call_s, "one untimed call (benchmarks disabled)"
+    peak = limits["peak_gflops"].get(dtype)
+    bandwidth = limits["bandwidth_gbps"]
+    floor_compute = flops / (peak * 1e9) if (flops and peak) else 0.0
+    floor_memory = bytes_moved / (bandwidth * 1e9)
+    bound = "compute" if floor_compute > floor_memory else "memory"
+    extra = benchmark.extra_info
+    extra.update(info)
+    extra.update(
+        dtype=dtype,
+        device=limits["device"],
+        flops=flops,
+        bytes=bytes_moved,
+        seconds=seconds,
+        timing=timing,
+        gflops=flops / seconds / 1e9 if flops else None,
+        gbps=bytes_moved / seconds / 1e9,
+        limit_peak_gflops=peak,
+        limit_bandwidth_gbps=bandwidth,
+        bound=bound,
+        limit=f"{peak:.1f} GFLOP/s peak ({dtype})" if bound == "compute" else f"{bandwidth:.1f} GB/s",
+        roofline_floor_s=max(floor_compute, floor_memory),
+        fraction_of_limit=max(floor_compute, floor_memory) / seconds,
+        peak_mem_bytes=peak_mem,
+        peak_mem_method=peak_mem_method,
+    )

@@ -1,0 +1,52 @@
+"""The harness's own guards: a wrong kernel is never timed, and the roofline arithmetic is what it says."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from benchmarks import harness
+
+
+def test_check_close_rejects_a_wrong_or_nan_result_before_timing():
+    """The check that runs before every timing fails on a wrong element or a NaN, naming the element."""
+    want = torch.ones(3, 4, dtype=torch.float64)
+    assert harness.check_close("ok", want.float(), want, 1e-3, 1e-5) == 0.0
+    wrong = want.float().clone()
+    wrong[1, 2] = 1.01
+    with pytest.raises(AssertionError, match="element 6"):
+        harness.check_close("wrong", wrong, want, 1e-3, 1e-5)
+    wrong[1, 2] = math.nan
+    with pytest.raises(AssertionError, match="nan"):
+        harness.check_close("nan", wrong, want, 1e-3, 1e-5)
+
+
+def test_check_close_scales_the_result_before_comparing():
+    """Gradients of a mean loss are compared as n * grad, so that the tolerance is relative to softmax."""
+    want = torch.full((4,), 0.5, dtype=torch.float64)
+    harness.check_close("scaled", torch.full((4,), 0.125), want, 1e-3, 1e-5, scale=4)
+    with pytest.raises(AssertionError):
+        harness.check_close("unscaled", torch.full((4,), 0.125), want, 1e-3, 1e-5)
+
+
+def test_record_gives_the_roofline_floor_over_the_measured_time():
+    """fraction_of_limit = max(flops / peak, bytes / bandwidth) / time, against the measured limits."""
+    limits = {"device": "cpu", "peak_gflops": {"float32": 100.0}, "bandwidth_gbps": 10.0}
+    bench = SimpleNamespace(enabled=False, stats=None, extra_info={})
+    harness.record(
+        bench,
+        limits,
+        dtype="float32",
+        flops=2e9,  # 20 ms at the peak
+        bytes_moved=1e8,  # 10 ms at the bandwidth
+        first_call_s=0.04,
+        peak_mem=None,
+        peak_mem_method="-",
+    )
+    info = bench.extra_info
+    assert info["bound"] == "compute"
+    assert info["gflops"] == pytest.approx(50.0) and info["gbps"] == pytest.approx(2.5)
+    assert info["fraction_of_limit"] == pytest.approx(0.5)
