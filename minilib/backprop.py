@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import torch
 
+from minilib.matmul import shape_str as _shape
+
 __all__ = [
     "lin",
     "relu",
@@ -32,10 +34,6 @@ __all__ = [
     "Mse",
     "Model",
 ]
-
-
-def _shape(t: torch.Tensor) -> str:
-    return "x".join(str(s) for s in t.shape) or "scalar"
 
 
 def _check_tensors(fname: str, **tensors) -> None:

@@ -17,6 +17,7 @@ import torch
 
 __all__ = [
     "check_matmul_args",
+    "shape_str",
     "matmul_loops",
     "matmul_elementwise",
     "matmul_broadcast",
@@ -26,7 +27,8 @@ __all__ = [
 ]
 
 
-def _shape(t: torch.Tensor) -> str:
+def shape_str(t: torch.Tensor) -> str:
+    """A tensor's shape as the error messages write it: ``3x4`` (``scalar`` for 0-d)."""
     return "x".join(str(s) for s in t.shape) or "scalar"
 
 
@@ -41,23 +43,24 @@ def check_matmul_args(a: torch.Tensor, b: torch.Tensor, name: str = "matmul") ->
             raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
     if a.dim() != 2 or b.dim() != 2:
         raise ValueError(
-            f"{name}: expected 2-D tensors, but a is {_shape(a)} ({a.dim()}-D) "
-            f"and b is {_shape(b)} ({b.dim()}-D)"
+            f"{name}: expected 2-D tensors, but a is {shape_str(a)} ({a.dim()}-D) "
+            f"and b is {shape_str(b)} ({b.dim()}-D)"
         )
     if a.shape[1] != b.shape[0]:
         raise ValueError(
-            f"{name}: inner sizes differ: a is {_shape(a)} but b is {_shape(b)} "
+            f"{name}: inner sizes differ: a is {shape_str(a)} but b is {shape_str(b)} "
             f"(a's columns must equal b's rows)"
         )
     if a.device != b.device:
         raise ValueError(
-            f"{name}: a ({_shape(a)}) is on {a.device} but b ({_shape(b)}) is on {b.device}; "
+            f"{name}: a ({shape_str(a)}) is on {a.device} but b ({shape_str(b)}) is on {b.device}; "
             f"move both to one device"
         )
     if a.dtype != b.dtype:
         # `@` refuses mixed dtypes; the loop versions would silently promote. Refuse in all five alike.
         raise ValueError(
-            f"{name}: a ({_shape(a)}) is {a.dtype} but b ({_shape(b)}) is {b.dtype}; cast one with .to()"
+            f"{name}: a ({shape_str(a)}) is {a.dtype} but b ({shape_str(b)}) is {b.dtype}; "
+            "cast one with .to()"
         )
     return a.shape[0], a.shape[1], b.shape[1]
 
