@@ -57,6 +57,9 @@ def spec(session: nox.Session) -> None:
         "pytest",
         "spec_tests",
         "--spec",
+        # the claim (the test's name), then why it holds (its whole docstring), indented below it
+        "-o",
+        "spec_test_format={result} {name}\n    {docstring_summary}",
         "--benchmark-disable",
         *session.posargs,
         env={"TRITON_INTERPRET": "1"},
