@@ -247,6 +247,8 @@ def _agree(dtype, got, want):
 
 
 def test_the_hand_written_loss_equals_pytorchs(gradients):
+    """Before comparing gradients, the forward pass must agree: the hand-built 784-50-1 model's MSE is
+    the loss PyTorch computes from the same weights, or every gradient check below would be moot."""
     dtype, loss, _, ref_loss, _, _ = gradients
     _agree(dtype, loss, ref_loss)
 

@@ -164,6 +164,8 @@ def test_get_data_path_takes_precedence_over_minilib_data(monkeypatch, published
 
 
 def test_a_wrong_argument_type_is_a_type_error():
+    """A number for the folder, or a string for ``sample``, is a caller's mistake: say so by name at once
+    rather than look for a folder called "3" or treat "yes" as true."""
     with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int"):
         get_data(3)
     with pytest.raises(TypeError, match="sample must be a bool"):
