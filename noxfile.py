@@ -51,7 +51,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def spec(session: nox.Session) -> None:
-    """Print the spec tests as an outline a learner can read: one line per claim, by lesson."""
+    """Print the spec tests as an outline a learner can read: each claim, then why it holds, by lesson."""
     install(session, "spec,triton")
     session.run(
         "pytest",
