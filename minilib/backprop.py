@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from minilib.matmul import shape_str as _shape
+from minilib import contract
 
 __all__ = [
     "lin",
@@ -36,87 +36,32 @@ __all__ = [
 ]
 
 
-def _check_tensors(fname: str, **tensors) -> None:
-    """TypeError for a non-tensor; ValueError when the tensors are on different devices or dtypes."""
-    for arg, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fname}: {arg} must be a torch.Tensor, got {type(t).__name__}")
-    devices = {arg: t.device for arg, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"{fname}: all tensors must be on one device, got {devices}")
-
-
-def _check_float(fname: str, **tensors) -> None:
-    dtypes = {arg: t.dtype for arg, t in tensors.items()}
-    if any(not t.is_floating_point() for t in tensors.values()) or len(set(dtypes.values())) > 1:
-        raise ValueError(f"{fname}: expected tensors of one floating dtype, got {dtypes}")
-
-
-def _check_lin(fname: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> None:
-    _check_tensors(fname, x=x, w=w, b=b)
-    if x.dim() != 2 or w.dim() != 2 or b.dim() != 1:
-        raise ValueError(
-            f"{fname}: expected x [N, in], w [in, out] and b [out], "
-            f"got x {_shape(x)}, w {_shape(w)} and b {_shape(b)}"
-        )
-    if x.shape[1] != w.shape[0] or b.shape[0] != w.shape[1]:
-        raise ValueError(
-            f"{fname}: sizes differ: x is {_shape(x)}, w is {_shape(w)}, b is {_shape(b)} "
-            f"(x's columns must equal w's rows, and b's length w's columns)"
-        )
-    _check_float(fname, x=x, w=w, b=b)
-
-
-def _grad_of(fname: str, out: torch.Tensor) -> torch.Tensor:
-    g = getattr(out, "g", None)
-    if not isinstance(g, torch.Tensor) or g.shape != out.shape:
-        got = _shape(g) if isinstance(g, torch.Tensor) else "nothing" if g is None else type(g).__name__
-        raise ValueError(
-            f"{fname}: out.g must hold the gradient of the loss with respect to out (shape {_shape(out)}), "
-            f"got {got}: run the backward pass of the layer after this one first"
-        )
-    return g
-
-
 # ---------------------------------------------------------------------------------------------- forward
 
 
 def lin(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """A linear layer, ``x @ w + b``: x is ``[N, in]``, w ``[in, out]`` (the lesson's layout), b ``[out]``."""
-    _check_lin("lin", x, w, b)
+    """A linear layer, ``x @ w + b``: x [N, in], w [in, out] (the lesson's layout), b [out]."""
+    contract.linear("lin", x=x, w=w, b=b)  # ranks, sizes, one device, one float dtype
     return x @ w + b
 
 
 def relu(x: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
     """``max(x, 0) - shift``. The lesson tries ``shift=0.5``: a ReLU's output has mean ~0.4 on unit
     inputs, and subtracting it brings the next layer's input back near mean 0."""
-    _check_tensors("relu", x=x)
+    contract.float_tensor("relu", x=x)
+    contract.finite_number("relu", shift=shift)
     return x.clamp_min(0.0) - shift
 
 
-def _targets(fname: str, output: torch.Tensor, targ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``output`` and ``targ`` as two ``[N]`` tensors of output's dtype, or a ValueError.
-
-    The lesson's model ends in a ``[N, 1]`` column while the targets are ``[N]``: subtracting them
-    directly would broadcast to ``[N, N]`` and give a silently wrong loss, hence ``squeeze(-1)``.
-    """
-    _check_tensors(fname, output=output, targ=targ)
-    out = output.squeeze(-1) if output.dim() == 2 and output.shape[1] == 1 else output
-    t = targ.squeeze(-1) if targ.dim() == 2 and targ.shape[1] == 1 else targ
-    if out.dim() != 1 or t.shape != out.shape or out.shape[0] == 0:
-        raise ValueError(
-            f"{fname}: expected output [N] or [N, 1] and targ [N] with the same N > 0, "
-            f"got output {_shape(output)} and targ {_shape(targ)}"
-        )
-    if not output.is_floating_point():
-        raise ValueError(f"{fname}: output must be a floating point tensor, got {output.dtype}")
-    return out, t.to(output.dtype)  # integer digit labels are fine targets for this toy regression
-
-
 def mse(output: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between a ``[N, 1]`` (or ``[N]``) output and ``[N]`` targets."""
-    out, t = _targets("mse", output, targ)
-    return (out - t).pow(2).mean()
+    """Mean squared error of a ``[N, 1]`` (or ``[N]``) output against ``[N]`` targets.
+
+    ``output - targ`` would broadcast ``[N, 1] - [N]`` to ``[N, N]``, every prediction minus every
+    target, a silently wrong loss: hence ``squeeze(-1)``. Integer digit labels are fine targets for
+    the lesson's toy regression, so they are cast to the output's dtype.
+    """
+    contract.regression("mse", output=output, targ=targ)
+    return (output.squeeze(-1) - targ.squeeze(-1).to(output.dtype)).pow(2).mean()
 
 
 # --------------------------------------------------------------------------------------------- backward
@@ -124,16 +69,25 @@ def mse(output: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:
 
 def mse_grad(inp: torch.Tensor, targ: torch.Tensor) -> None:
     """d mse / d inp = 2 (inp - targ) / N, stored in ``inp.g`` with inp's own shape."""
-    out, t = _targets("mse_grad", inp, targ)
+    contract.regression("mse_grad", inp=inp, targ=targ)
     with torch.no_grad():
-        inp.g = (2.0 * (out - t) / out.shape[0]).reshape(inp.shape)
+        diff = inp.squeeze(-1) - targ.squeeze(-1).to(inp.dtype)
+        inp.g = (2.0 * diff / inp.shape[0]).reshape(inp.shape)
+
+
+def _grad_of(fname: str, out: torch.Tensor) -> torch.Tensor:
+    """``out.g``, left on ``out`` by the backward step of the layer after this one: the chain rule's input."""
+    contract.tensor(fname, out=out)
+    g = getattr(out, "g", None)
+    if not (isinstance(g, torch.Tensor) and g.shape == out.shape):
+        need = f"d loss / d out ({contract.shape(out)}): run the next layer's backward first"
+        contract.fail(fname, "out.g", need, g)
+    return g
 
 
 def relu_grad(inp: torch.Tensor, out: torch.Tensor) -> None:
     """ReLU passes the gradient where its input was positive and blocks it elsewhere: ``inp.g``."""
-    _check_tensors("relu_grad", inp=inp, out=out)
-    if inp.shape != out.shape:
-        raise ValueError(f"relu_grad: inp and out must have one shape, got {_shape(inp)} and {_shape(out)}")
+    contract.same_shape("relu_grad", inp=inp, out=out)
     g = _grad_of("relu_grad", out)
     with torch.no_grad():
         inp.g = (inp > 0).to(g.dtype) * g
@@ -168,14 +122,10 @@ def lin_grad(inp: torch.Tensor, out: torch.Tensor, w: torch.Tensor, b: torch.Ten
 
     ``inp.g = out.g @ w.T``, ``w.g = inp.T @ out.g`` (see `WEIGHT_GRADS`), ``b.g = out.g.sum(0)``.
     """
-    _check_lin("lin_grad", inp, w, b)
-    _check_tensors("lin_grad", inp=inp, out=out)
-    if out.shape != (inp.shape[0], w.shape[1]):
-        raise ValueError(
-            f"lin_grad: out must be {inp.shape[0]}x{w.shape[1]} (inp's rows by w's columns), "
-            f"got {_shape(out)}"
-        )
+    contract.linear("lin_grad", inp=inp, w=w, b=b)
     g = _grad_of("lin_grad", out)
+    if out.shape != (inp.shape[0], w.shape[1]):
+        contract.fail("lin_grad", "out", f"{inp.shape[0]}x{w.shape[1]} (inp's rows by w's columns)", out)
     with torch.no_grad():
         inp.g = g @ w.t()
         w.g = _w_grad_matmul(inp, g)
@@ -204,24 +154,29 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__}.bwd is not implemented")
 
     def backward(self) -> None:
+        """Run ``bwd`` (which subclasses write) on the output and arguments kept from the last call."""
         if not hasattr(self, "out"):
-            raise RuntimeError(
-                f"{type(self).__name__}.backward: the module has not been called yet, so there is no "
-                f"output to take gradients from; call it on its inputs first"
-            )
+            raise RuntimeError(f"{type(self).__name__}.backward: the module has not been called yet")
         self.bwd(self.out, *self.args)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
+def _layer(fname: str, **wb: torch.Tensor) -> None:
+    """A layer's weight [in, out] (the lesson's layout) and bias [out], named as the caller names them."""
+    (wn, w), (bn, b) = wb.items()
+    contract.float_tensor(fname, **wb)
+    contract.ndim(fname, wn, w, 2, "[in, out]")
+    if b.shape != w.shape[1:]:
+        contract.fail(fname, bn, f"[out] with out = {wn}'s columns ({w.shape[1]})", b)
+
+
 class Lin(Module):
     """``inp @ w + b``, holding its weight ``w`` ``[in, out]`` and bias ``b`` ``[out]``."""
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor):
-        _check_tensors("Lin", w=w, b=b)
-        if w.dim() != 2 or b.dim() != 1 or b.shape[0] != w.shape[1]:
-            raise ValueError(f"Lin: expected w [in, out] and b [out], got w {_shape(w)} and b {_shape(b)}")
+        _layer("Lin", w=w, b=b)
         self.w, self.b = w, b
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
@@ -268,6 +223,10 @@ class Model:
     """
 
     def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor):
+        _layer("Model", w1=w1, b1=b1)
+        _layer("Model", w2=w2, b2=b2)
+        if w2.shape[0] != w1.shape[1]:
+            contract.fail("Model", "w2", f"[{w1.shape[1]}, out] (its rows = w1's columns)", w2)
         self.layers = [Lin(w1, b1), Relu(), Lin(w2, b2)]
         self.loss = Mse()
 

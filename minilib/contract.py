@@ -176,3 +176,119 @@ def linear(fname: str, **xwb: torch.Tensor) -> None:
         )
     same_device(fname, **xwb)
     same_dtype(fname, **xwb)
+
+
+# ------------------------------------------------------------------ words the lessons' modules use (issue 9)
+
+__all__ += ["same_shape", "finite", "between", "nonempty", "matmul", "scores", "classification", "regression"]
+
+
+def same_shape(fname: str, **named: torch.Tensor) -> None:
+    """All values are tensors of one shape; the message lists each argument's shape."""
+    tensor(fname, **named)
+    if len({x.shape for x in named.values()}) > 1:
+        each = ", ".join(f"{arg} {shape(x)}" for arg, x in named.items())
+        raise ValueError(f"{fname}: {' and '.join(named)} must have one shape, got {each}")
+
+
+def finite(fname: str, *, nonzero: bool = False, **named: Any) -> None:
+    """Each value is a real number or a tensor whose every element is finite (and non-zero if ``nonzero``):
+    a statistic such as a mean or a std that a NaN or a zero would turn into a silently NaN result."""
+    expected = "finite" + (" and non-zero" if nonzero else "")
+    for arg, value in named.items():
+        if isinstance(value, bool) or not isinstance(value, (Real, torch.Tensor)):
+            fail(fname, arg, f"a {expected} number or tensor", value, TypeError)
+        v = torch.as_tensor(value).detach()
+        if v.is_complex() or v.dtype == torch.bool:
+            fail(fname, arg, f"a {expected} real number or tensor", value)
+        bad = ~torch.isfinite(v) | ((v == 0) if nonzero else torch.zeros_like(v, dtype=torch.bool))
+        if bool(bad.any()):
+            got = (
+                f"{describe(value)} holding {v[bad][0].item()}" if isinstance(value, torch.Tensor) else value
+            )
+            fail(fname, arg, expected, got)
+
+
+def between(fname: str, low: float, high: float, **named: Any) -> float:
+    """Each value is a real number in ``[low, high]`` (a 1-element tensor will do); returns the last."""
+    value = 0.0
+    for arg, x in named.items():
+        value = finite_number(fname, **{arg: x})
+        if not low <= value <= high:
+            fail(fname, arg, f"in [{low:g}, {high:g}]", x)
+    return value
+
+
+def nonempty(fname: str, **named: Any) -> None:
+    """Each value has a length of at least 1 (a dataset to draw batches from, a list of parameters)."""
+    for arg, x in named.items():
+        if not hasattr(x, "__len__"):
+            fail(fname, arg, "a sized collection (with a len)", x, TypeError)
+        if len(x) == 0:
+            fail(fname, arg, "non-empty", f"{describe(x)} of length 0")
+
+
+def matmul(fname: str, **ab: torch.Tensor) -> None:
+    """The operands of ``a @ b``: a [m, k] and b [k, n] numeric (not bool) matrices, one device, one dtype.
+
+    A shape problem names both shapes, as the lesson's check does: the fix is usually on either side.
+    """
+    (an, a), (bn, b) = ab.items()
+    tensor(fname, **ab)
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(
+            f"{fname}: {an} and {bn} must be 2-D matrices, got {an} {shape(a)} and {bn} {shape(b)}"
+        )
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(
+            f"{fname}: inner sizes differ: {an} is {shape(a)} but {bn} is {shape(b)} "
+            f"({an}'s columns must equal {bn}'s rows)"
+        )
+    for arg, x in ab.items():
+        if x.dtype == torch.bool:  # True * True is True, but True + True is True too: no sum of products
+            fail(fname, arg, "a numeric tensor (bool has no sum of products)", x)
+    same_device(fname, **ab)
+    same_dtype(fname, **ab)  # `@` refuses mixed dtypes while the loops would promote: refuse in all alike
+
+
+def scores(fname: str, **named: Any) -> None:
+    """Each value is a float tensor of class scores, classes in its last dim (at least one class)."""
+    float_tensor(fname, **named)
+    for arg, x in named.items():
+        if x.dim() == 0 or x.shape[-1] == 0:
+            fail(fname, arg, "a tensor of scores with at least one class in its last dim", x)
+
+
+def classification(fname: str, **scores_target: torch.Tensor) -> None:
+    """Scores [N, C] (N >= 1) and int64 class indices [N] in [0, C), on one device.
+
+    Keywords name them as the caller does (``input=``/``out=``/``logits=``, then ``target=``/``yb=``).
+    """
+    (sn, s), (tn, t) = scores_target.items()
+    scores(fname, **{sn: s})
+    ndim(fname, sn, s, 2, "[N, C] (a batch of rows of class scores)")
+    if s.shape[0] == 0:
+        fail(fname, sn, "at least one row (a mean over no rows is nan)", s)
+    tensor(fname, **{tn: t})
+    if t.dtype != torch.int64:
+        fail(fname, tn, "int64 class indices", t)
+    if t.shape != s.shape[:1]:
+        fail(fname, tn, f"1-D with one class per row of {sn} ({sn} is {shape(s)})", t)
+    same_device(fname, **scores_target)
+    class_indices(fname, t, s.shape[1], arg=tn, scores=sn)
+
+
+def regression(fname: str, **output_targ: torch.Tensor) -> None:
+    """One prediction per target: a float output [N] or [N, 1] and targets [N] (N >= 1), on one device.
+
+    A [N, 1] output minus [N] targets would broadcast to [N, N], a silently wrong loss: so the sizes
+    are checked here and the caller squeezes the column.
+    """
+    (on, o), (tn, t) = output_targ.items()
+    float_tensor(fname, **{on: o})
+    tensor(fname, **{tn: t})
+    if o.dim() not in (1, 2) or o.shape[1:] not in ((), (1,)) or o.shape[0] == 0:
+        fail(fname, on, "[N] or [N, 1] with N >= 1 (one prediction per target)", o)
+    if t.shape not in (o.shape[:1], (o.shape[0], 1)):
+        fail(fname, tn, f"[N] with one target per row of {on} ({on} is {shape(o)})", t)
+    same_device(fname, **output_targ)

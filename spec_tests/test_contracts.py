@@ -66,15 +66,680 @@ BAD += [
 
 # ------------------------------------------------------------------------ minilib.testing, minilib.matmul
 
+# Each section imports what it uses, so that the sections (on parallel branches) merge without conflicts.
+import math  # noqa: E402
+
+from minilib import backprop, data, init, loss, nn, schedules, testing  # noqa: E402
+from minilib.matmul import MATMULS  # noqa: E402
+
+BAD += [
+    Bad("test: cmp not callable", lambda: testing.test(1, 1, "=="), TypeError, r"test: cmp must be"),
+    Bad(
+        "test_near_zero: tol 0",
+        lambda: testing.test_near_zero(0.0, tol=0),
+        ValueError,
+        r"test_near_zero: tol",
+    ),
+    Bad("test_near_zero: tol nan", lambda: testing.test_near_zero(0.0, tol=float("nan")), ValueError, r"tol"),
+    Bad(
+        "test_near: a column for a row",
+        lambda: testing.test_near(t(3, 1), t(3)),
+        AssertionError,
+        r"3x1 and 3",
+    ),
+    Bad(
+        "test_close: 0.25 apart",
+        lambda: testing.test_close(t(2), t(2) + 0.25),
+        AssertionError,
+        r"max abs diff",
+    ),
+]
+for _name, _mm in MATMULS.items():
+    _f = f"matmul_{_name}"
+    BAD += [
+        Bad(
+            f"{_f}: a a list", lambda f=_mm: f([[1.0, 2.0]], t(2, 1)), TypeError, rf"{_f}: a must be a torch"
+        ),
+        Bad(
+            f"{_f}: b a list",
+            lambda f=_mm: f(t(1, 2), [[1.0], [2.0]]),
+            TypeError,
+            rf"{_f}: b must be a torch",
+        ),
+        Bad(
+            f"{_f}: a 1-D",
+            lambda f=_mm: f(t(4), t(4, 2)),
+            ValueError,
+            r"a and b must be 2-D.*got a 4 and b 4x2",
+        ),
+        Bad(f"{_f}: b 1-D", lambda f=_mm: f(t(3, 4), t(4)), ValueError, r"got a 3x4 and b 4$"),
+        Bad(f"{_f}: a batch", lambda f=_mm: f(t(2, 3, 4), t(4, 2)), ValueError, r"got a 2x3x4 and b 4x2"),
+        Bad(
+            f"{_f}: inner sizes",
+            lambda f=_mm: f(t(3, 4), t(5, 2)),
+            ValueError,
+            r"inner sizes differ: a is 3x4 but b is 5x2",
+        ),
+        Bad(
+            f"{_f}: b on meta",
+            lambda f=_mm: f(t(3, 4), t(4, 2).to("meta")),
+            ValueError,
+            r"a on cpu, b on meta",
+        ),
+        Bad(
+            f"{_f}: mixed dtypes",
+            lambda f=_mm: f(t(3, 4), t(4, 2, dtype=torch.float64)),
+            ValueError,
+            r"a float32, b float64",
+        ),
+        Bad(
+            f"{_f}: bool a",
+            lambda f=_mm: f(t(3, 4) > 0, t(4, 2) > 0),
+            ValueError,
+            rf"{_f}: a must be a numeric",
+            defect=True,
+        ),
+        Bad(
+            f"{_f}: bool b",
+            lambda f=_mm: f(t(3, 4), t(4, 2) > 0),
+            ValueError,
+            rf"{_f}: b must be a numeric",
+            defect=True,
+        ),
+    ]
+    UNTOUCHED += [Untouched(_f, _mm, lambda: (t(3, 4), t(4, 2)))]
+UNTOUCHED += [
+    Untouched("near", testing.near, lambda: (t(3), t(3))),
+    Untouched("test_near", lambda a, b: testing.test_near(a, a.double()), lambda: (t(3), t(3))),
+    Untouched("test_close", lambda a, b: testing.test_close(a, a.double()), lambda: (t(3), t(3))),
+]
+
+
 # ------------------------------------------------------------------------ minilib.backprop, minilib.init
+
+
+def _with_g(x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` carrying the gradient ``g`` (default: ones like x), as the step after it leaves it."""
+    x.g = torch.ones_like(x) if g is None else g
+    return x
+
+
+BAD += [
+    Bad("lin: x a list", lambda: backprop.lin([[1.0]], t(1, 2), t(2)), TypeError, r"lin: x must be a torch"),
+    Bad("lin: x 1-D", lambda: backprop.lin(t(3), t(3, 2), t(2)), ValueError, r"lin: x must be 2-D \[N, in\]"),
+    Bad(
+        "lin: b 2-D",
+        lambda: backprop.lin(t(4, 3), t(3, 2), t(1, 2)),
+        ValueError,
+        r"lin: b must be 1-D \[out\]",
+    ),
+    Bad("lin: sizes", lambda: backprop.lin(t(4, 3), t(5, 2), t(2)), ValueError, r"x 4x3, w 5x2, b 2"),
+    Bad(
+        "lin: int x",
+        lambda: backprop.lin(t(4, 3, dtype=torch.int64), t(3, 2), t(2)),
+        ValueError,
+        r"lin: x must be a floating",
+    ),
+    Bad("lin: w on meta", lambda: backprop.lin(t(4, 3), t(3, 2).to("meta"), t(2)), ValueError, r"w on meta"),
+    Bad("lin: mixed dtypes", lambda: backprop.lin(t(4, 3), t(3, 2).double(), t(2)), ValueError, r"w float64"),
+    Bad("relu: a list", lambda: backprop.relu([1.0, -1.0]), TypeError, r"relu: x must be a torch"),
+    Bad("relu: int x", lambda: backprop.relu(torch.arange(3)), ValueError, r"relu: x must be a floating"),
+    Bad("relu: shift nan", lambda: backprop.relu(t(3), shift=float("nan")), ValueError, r"relu: shift"),
+    Bad(
+        "mse: one target short",
+        lambda: backprop.mse(t(4, 1), t(5)),
+        ValueError,
+        r"mse: targ must be \[N\].*got a 5 ",
+    ),
+    Bad(
+        "mse: output [N, 2]",
+        lambda: backprop.mse(t(4, 2), t(4)),
+        ValueError,
+        r"mse: output must be \[N\] or \[N, 1\]",
+    ),
+    Bad("mse: no rows", lambda: backprop.mse(t(0, 1), t(0)), ValueError, r"mse: output must be .* N >= 1"),
+    Bad(
+        "mse: targ a list", lambda: backprop.mse(t(2, 1), [1.0, 2.0]), TypeError, r"mse: targ must be a torch"
+    ),
+    Bad(
+        "mse: int output",
+        lambda: backprop.mse(torch.ones(2, 1, dtype=torch.int64), t(2)),
+        ValueError,
+        r"output",
+    ),
+    Bad("mse: targ on meta", lambda: backprop.mse(t(2, 1), t(2).to("meta")), ValueError, r"targ on meta"),
+    Bad(
+        "mse_grad: output [N, 2]",
+        lambda: backprop.mse_grad(t(4, 2), t(4)),
+        ValueError,
+        r"mse_grad: inp must be",
+    ),
+    Bad(
+        "relu_grad: shapes differ",
+        lambda: backprop.relu_grad(t(4, 3), _with_g(t(4, 2))),
+        ValueError,
+        r"inp 4x3, out 4x2",
+    ),
+    Bad(
+        "relu_grad: inp a list",
+        lambda: backprop.relu_grad([1.0], _with_g(t(1))),
+        TypeError,
+        r"relu_grad: inp",
+    ),
+    Bad(
+        "lin_grad: out.g missing",
+        lambda: backprop.lin_grad(t(4, 3), t(4, 2), t(3, 2), t(2)),
+        ValueError,
+        r"lin_grad: out.g",
+    ),
+    Bad(
+        "lin_grad: out.g wrong shape",
+        lambda: backprop.lin_grad(t(4, 3), _with_g(t(4, 2), t(4, 1)), t(3, 2), t(2)),
+        ValueError,
+        r"lin_grad: out.g.*got a 4x1",
+    ),
+    Bad(
+        "lin_grad: out wrong shape",
+        lambda: backprop.lin_grad(t(4, 3), _with_g(t(4, 5)), t(3, 2), t(2)),
+        ValueError,
+        r"lin_grad: out must be 4x2",
+    ),
+    Bad(
+        "lin_grad: sizes",
+        lambda: backprop.lin_grad(t(4, 3), _with_g(t(4, 2)), t(5, 2), t(2)),
+        ValueError,
+        r"inp 4x3, w 5x2",
+    ),
+    Bad(
+        "Lin: b too long",
+        lambda: backprop.Lin(t(3, 2), t(3)),
+        ValueError,
+        r"Lin: b must be 2 long|w's columns",
+    ),
+    Bad("Lin: w 1-D", lambda: backprop.Lin(t(3), t(3)), ValueError, r"Lin: w must be 2-D"),
+    Bad(
+        "Model: w1 a list",
+        lambda: backprop.Model([[1.0]], t(1), t(1, 1), t(1)),
+        TypeError,
+        r"Model: w1 must be",
+    ),
+    Bad(
+        "Model: w2 wrong size",
+        lambda: backprop.Model(t(3, 4), t(4), t(5, 1), t(1)),
+        ValueError,
+        r"Model: .*w2",
+    ),
+    Bad(
+        "Module: backward before a call",
+        lambda: backprop.Relu().backward(),
+        RuntimeError,
+        r"has not been called",
+    ),
+    Bad("gain: a a str", lambda: init.gain("sqrt5"), TypeError, r"gain: a must be a real number"),
+    Bad("gain: a nan", lambda: init.gain(float("nan")), ValueError, r"gain: a must be a finite"),
+    Bad("stats: a list", lambda: init.stats([1.0, 2.0]), TypeError, r"stats: x must be a torch"),
+    Bad("stats: int x", lambda: init.stats(torch.arange(4)), ValueError, r"stats: x must be a floating"),
+    Bad("stats: one element", lambda: init.stats(t(1)), ValueError, r"stats: x must .* at least 2 elements"),
+    Bad(
+        "fan_in_fan_out: a bias",
+        lambda: init.fan_in_fan_out(t(5)),
+        ValueError,
+        r"fan_in_fan_out: w must be 2/3/4/5-D",
+    ),
+    Bad("fan_in_fan_out: a list", lambda: init.fan_in_fan_out([[1.0]]), TypeError, r"fan_in_fan_out: w"),
+    Bad("kaiming2: a list", lambda: init.kaiming2([[0.0]], a=0), TypeError, r"kaiming2: x must be a torch"),
+    Bad(
+        "kaiming2: int x",
+        lambda: init.kaiming2(torch.zeros(3, 3, dtype=torch.int64), a=0),
+        ValueError,
+        r"kaiming2: x must be a floating",
+    ),
+    Bad(
+        "kaiming2: 1-D x",
+        lambda: init.kaiming2(t(5), a=0),
+        ValueError,
+        r"kaiming2: x must be 2/3/4/5-D \[out, in, \*kernel\]",
+    ),
+    Bad(
+        "kaiming2: 0-d x",
+        lambda: init.kaiming2(torch.tensor(1.0), a=0),
+        ValueError,
+        r"kaiming2: x must be 2/",
+    ),
+    Bad(
+        "kaiming2: a None",
+        lambda: init.kaiming2(t(3, 3), a=None),
+        TypeError,
+        r"kaiming2: a must be a real number",
+    ),
+    Bad(
+        "kaiming2: a inf",
+        lambda: init.kaiming2(t(3, 3), a=math.inf),
+        ValueError,
+        r"kaiming2: a must be a finite",
+    ),
+    Bad(
+        "deep_matmul_stds: n_units 1",
+        lambda: init.deep_matmul_stds(1.0, n_units=1),
+        ValueError,
+        r"n_units must be an int >= 2",
+    ),
+    Bad(
+        "deep_matmul_stds: n_steps 0",
+        lambda: init.deep_matmul_stds(1.0, n_steps=0),
+        ValueError,
+        r"n_steps must be an int >= 1",
+    ),
+    Bad(
+        "deep_matmul_stds: n_units 2.5",
+        lambda: init.deep_matmul_stds(1.0, n_units=2.5),
+        TypeError,
+        r"n_units",
+    ),
+    Bad(
+        "deep_matmul_stds: scale a str",
+        lambda: init.deep_matmul_stds("0.01"),
+        TypeError,
+        r"scale must be a real",
+    ),
+]
+UNTOUCHED += [
+    Untouched("lin", backprop.lin, lambda: (t(4, 3), t(3, 2), t(2))),
+    Untouched("relu", backprop.relu, lambda: (t(4, 3),)),
+    Untouched("mse", backprop.mse, lambda: (t(4, 1), t(4))),
+    Untouched("stats", init.stats, lambda: (t(4, 3),)),
+    Untouched("fan_in_fan_out", init.fan_in_fan_out, lambda: (t(4, 3, 5, 5),)),
+]
+
 
 # ------------------------------------------------------------------------ minilib.loss, minilib.nn
 
+_CLASSIFIERS = {"nll": loss.nll, "cross_entropy": loss.cross_entropy, "accuracy": loss.accuracy}
+_ARGS = {"nll": ("input", "target"), "cross_entropy": ("input", "target"), "accuracy": ("out", "yb")}
+for _f, _fn in _CLASSIFIERS.items():
+    _i, _t = _ARGS[_f]
+    BAD += [
+        Bad(
+            f"{_f}: {_i} a list",
+            lambda f=_fn: f([[0.0, 1.0]], torch.tensor([0])),
+            TypeError,
+            rf"{_f}: {_i} must be a torch",
+        ),
+        Bad(
+            f"{_f}: {_i} 1-D",
+            lambda f=_fn: f(t(5), torch.arange(5)),
+            ValueError,
+            rf"{_f}: {_i} must be 2-D \[N, C\]",
+        ),
+        Bad(
+            f"{_f}: {_i} 3-D",
+            lambda f=_fn: f(t(2, 3, 5), torch.arange(2)),
+            ValueError,
+            rf"{_f}: {_i} must be 2-D",
+        ),
+        Bad(
+            f"{_f}: int {_i}",
+            lambda f=_fn: f(torch.ones(2, 5, dtype=torch.int64), torch.arange(2)),
+            ValueError,
+            rf"{_f}: {_i} must be a floating",
+        ),
+        Bad(
+            f"{_f}: no classes",
+            lambda f=_fn: f(t(2, 0), torch.arange(2)),
+            ValueError,
+            rf"{_f}: {_i} must be .* at least one class",
+        ),
+        Bad(
+            f"{_f}: no rows",
+            lambda f=_fn: f(t(0, 5), torch.arange(0)),
+            ValueError,
+            rf"{_f}: {_i} must hold at least one row",
+        ),
+        Bad(
+            f"{_f}: float {_t}",
+            lambda f=_fn: f(t(2, 5), torch.tensor([0.0, 1.0])),
+            ValueError,
+            rf"{_f}: {_t} must be int64",
+        ),
+        Bad(
+            f"{_f}: int32 {_t}",
+            lambda f=_fn: f(t(2, 5), torch.tensor([0, 1], dtype=torch.int32)),
+            ValueError,
+            rf"{_t} must be int64",
+        ),
+        Bad(
+            f"{_f}: {_t} too short",
+            lambda f=_fn: f(t(3, 5), torch.arange(2)),
+            ValueError,
+            rf"{_t} must be 1-D with one class per row of {_i} \({_i} is 3x5\), got a 2 ",
+        ),
+        Bad(
+            f"{_f}: 2-D {_t}",
+            lambda f=_fn: f(t(2, 5), torch.tensor([[0], [1]])),
+            ValueError,
+            rf"{_t} must be 1-D",
+        ),
+        Bad(
+            f"{_f}: {_t} a list", lambda f=_fn: f(t(2, 5), [0, 1]), TypeError, rf"{_f}: {_t} must be a torch"
+        ),
+        Bad(
+            f"{_f}: {_t} on meta",
+            lambda f=_fn: f(t(2, 5), torch.arange(2, device="meta")),
+            ValueError,
+            rf"{_t} on meta",
+        ),
+        Bad(
+            f"{_f}: class 7 of 5",
+            lambda f=_fn: f(t(4, 5), torch.tensor([0, 1, 7, 2])),
+            IndexError,
+            rf"{_t} holds class 7 at position 2, but {_i} has only 5",
+        ),
+        Bad(
+            f"{_f}: class -1",
+            lambda f=_fn: f(t(4, 5), torch.tensor([-1, 1, 2, 2])),
+            IndexError,
+            rf"{_t} holds class -1 at position 0",
+        ),
+    ]
+    UNTOUCHED += [Untouched(_f, _fn, lambda: (t(4, 5), torch.tensor([0, 1, 4, 2])))]
+for _f in ("softmax", "log_softmax", "logsumexp"):
+    _fn = getattr(loss, _f)
+    BAD += [
+        Bad(f"{_f}: a list", lambda f=_fn: f([1.0, 2.0]), TypeError, rf"{_f}: x must be a torch"),
+        Bad(f"{_f}: int x", lambda f=_fn: f(torch.arange(3)), ValueError, rf"{_f}: x must be a floating"),
+        Bad(
+            f"{_f}: a 0-d x",
+            lambda f=_fn: f(torch.tensor(1.0)),
+            ValueError,
+            rf"{_f}: x must be .* at least one class",
+        ),
+        Bad(
+            f"{_f}: no classes",
+            lambda f=_fn: f(t(3, 0)),
+            ValueError,
+            rf"{_f}: x must be .* at least one class",
+        ),
+    ]
+    UNTOUCHED += [Untouched(_f, _fn, lambda: (t(4, 5),))]
+BAD += [
+    Bad(
+        "check_logits_and_target: caller's names",
+        lambda: loss.check_logits_and_target(t(2, 3), torch.tensor([0, 3]), "f", "logits", "labels"),
+        IndexError,
+        r"f: labels holds class 3 .* logits has only 3",
+    ),
+    Bad(
+        "DummyModule: n_in 0",
+        lambda: nn.DummyModule(0, 50, 10),
+        ValueError,
+        r"DummyModule: n_in must be an int >= 1",
+    ),
+    Bad(
+        "DummyModule: nh missing",
+        lambda: nn.DummyModule(784, None, 10),
+        TypeError,
+        r"DummyModule: nh must be an int",
+    ),
+    Bad("DummyModule: n_out 2.0", lambda: nn.DummyModule(784, 50, 2.0), TypeError, r"DummyModule: n_out"),
+    Bad(
+        "SequentialModel: a function as a layer",
+        lambda: nn.SequentialModel([torch.nn.Linear(2, 2), torch.relu]),
+        TypeError,
+        r"SequentialModel: layers\[1\] must be an nn.Module",
+    ),
+    Bad(
+        "Optimizer: no params",
+        lambda: nn.Optimizer(iter([])),
+        ValueError,
+        r"Optimizer: params must be non-empty",
+    ),
+    Bad(
+        "Optimizer: a list in params",
+        lambda: nn.Optimizer([t(2), [1.0]]),
+        TypeError,
+        r"Optimizer: params\[1\] must be a torch",
+    ),
+    Bad(
+        "Optimizer: lr -1", lambda: nn.Optimizer([t(2)], lr=-1), ValueError, r"Optimizer: lr must be .* >= 0"
+    ),
+    Bad(
+        "Optimizer: lr nan",
+        lambda: nn.Optimizer([t(2)], lr=math.nan),
+        ValueError,
+        r"Optimizer: lr must be a finite",
+    ),
+    Bad(
+        "Optimizer: lr a str",
+        lambda: nn.Optimizer([t(2)], lr="0.1"),
+        TypeError,
+        r"Optimizer: lr must be a real",
+    ),
+    Bad(
+        "fit: epochs -1",
+        lambda: nn.fit(-1, torch.nn.Linear(4, 2), loss.cross_entropy, None, [], []),
+        ValueError,
+        r"fit: epochs must be an int >= 0",
+    ),
+    Bad(
+        "fit: epochs 1.5",
+        lambda: nn.fit(1.5, torch.nn.Linear(4, 2), loss.cross_entropy, None, [], []),
+        TypeError,
+        r"fit: epochs",
+    ),
+    Bad(
+        "fit: empty valid_dl",
+        lambda: _fit_without_validation(),
+        ValueError,
+        r"fit: valid_dl yielded no samples",
+    ),
+]
+
+
+def _fit_without_validation():
+    model = torch.nn.Linear(4, 2)
+    return nn.fit(1, model, loss.cross_entropy, nn.Optimizer(model.parameters()), [], [])
+
+
 # ------------------------------------------------------------------------ minilib.data: datasets and loaders
+
+BAD += [
+    Bad(
+        "normalize: x a list",
+        lambda: data.normalize([1.0], 0.0, 1.0),
+        TypeError,
+        r"normalize: x must be a torch",
+    ),
+    Bad(
+        "normalize: s 0",
+        lambda: data.normalize(t(3), 0.0, 0.0),
+        ValueError,
+        r"normalize: s must be finite and non-zero",
+    ),
+    Bad(
+        "normalize: one s 0",
+        lambda: data.normalize(t(3, 2), 0.0, torch.tensor([1.0, 0.0])),
+        ValueError,
+        r"normalize: s .*holding 0",
+    ),
+    Bad(
+        "normalize: m nan",
+        lambda: data.normalize(t(3), torch.tensor(math.nan), 1.0),
+        ValueError,
+        r"normalize: m must be finite",
+        defect=True,
+    ),
+    Bad(
+        "normalize: s nan",
+        lambda: data.normalize(t(3), 0.0, torch.tensor(math.nan)),
+        ValueError,
+        r"normalize: s must be finite",
+        defect=True,
+    ),
+    Bad(
+        "normalize: s inf",
+        lambda: data.normalize(t(3), 0.0, math.inf),
+        ValueError,
+        r"normalize: s must be finite",
+        defect=True,
+    ),
+    Bad("normalize: m a str", lambda: data.normalize(t(3), "0.13", 1.0), TypeError, r"normalize: m must be"),
+    Bad(
+        "Dataset: lengths differ",
+        lambda: data.Dataset(t(5, 2), t(4)),
+        ValueError,
+        r"Dataset: x and y must have one length, got x 5, y 4",
+    ),
+    Bad("Dataset: x has no len", lambda: data.Dataset(3, t(3)), TypeError, r"Dataset: x must be"),
+    Bad("Sampler: bs 0", lambda: data.Sampler(range(4), 0), ValueError, r"Sampler: bs must be an int >= 1"),
+    Bad("Sampler: bs True", lambda: data.Sampler(range(4), True), TypeError, r"Sampler: bs must be an int"),
+    Bad("collate: empty batch", lambda: data.collate([]), ValueError, r"collate: batch must be non-empty"),
+    Bad(
+        "collate: not pairs",
+        lambda: data.collate([(t(2), t(1), t(1))]),
+        ValueError,
+        r"collate: batch\[0\] must be an \(x, y\) pair",
+    ),
+    Bad(
+        "DataLoader: collate_fn not callable",
+        lambda: data.DataLoader(range(4), data.Sampler(range(4), 2), "stack"),
+        TypeError,
+        r"DataLoader: collate_fn must be",
+    ),
+    Bad(
+        "get_dls: empty train_ds",
+        lambda: data.get_dls(data.Dataset(t(0, 2), t(0)), data.Dataset(t(2, 2), t(2)), 2),
+        ValueError,
+        r"get_dls: train_ds must be non-empty",
+        defect=True,
+    ),
+    Bad(
+        "get_dls: empty valid_ds",
+        lambda: data.get_dls(data.Dataset(t(2, 2), t(2)), data.Dataset(t(0, 2), t(0)), 2),
+        ValueError,
+        r"get_dls: valid_ds must be non-empty",
+        defect=True,
+    ),
+    Bad(
+        "get_dls: bs 0",
+        lambda: data.get_dls(data.Dataset(t(2, 2), t(2)), data.Dataset(t(2, 2), t(2)), 0),
+        ValueError,
+        r"get_dls: bs must be an int >= 1",
+    ),
+    Bad(
+        "get_dls: bs 2.5",
+        lambda: data.get_dls(data.Dataset(t(2, 2), t(2)), data.Dataset(t(2, 2), t(2)), 2.5),
+        TypeError,
+        r"get_dls: bs must be an int",
+        defect=True,
+    ),
+    Bad(
+        "DataBunch: c 0", lambda: data.DataBunch([], [], c=0), ValueError, r"DataBunch: c must be an int >= 1"
+    ),
+]
+UNTOUCHED += [
+    Untouched("normalize", data.normalize, lambda: (t(4, 3), t(3), t(3).abs() + 1)),
+    Untouched("collate", lambda *xy: data.collate([xy, xy]), lambda: (t(3), torch.tensor(1))),
+    Untouched("Dataset slice", lambda x, y: data.Dataset(x, y)[1:3], lambda: (t(4, 3), t(4))),
+]
+
 
 # ------------------------------------------------------------------------ minilib.mnist: get_data
 
 # ------------------------------------------------------------------------ minilib.schedules
+
+_SCHEDS = {
+    "sched_lin": schedules.sched_lin,
+    "sched_cos": schedules.sched_cos,
+    "sched_no": schedules.sched_no,
+    "sched_exp": schedules.sched_exp,
+}
+for _f, _fn in _SCHEDS.items():
+    BAD += [
+        Bad(f"{_f}: pos 1.5", lambda f=_fn: f(1, 2)(1.5), ValueError, rf"{_f}: pos must be in \[0, 1\]"),
+        Bad(f"{_f}: pos -0.1", lambda f=_fn: f(1, 2)(-0.1), ValueError, rf"{_f}: pos must be in \[0, 1\]"),
+        Bad(f"{_f}: pos nan", lambda f=_fn: f(1, 2)(math.nan), ValueError, rf"{_f}: pos must be a finite"),
+        Bad(f"{_f}: pos a str", lambda f=_fn: f(1, 2)("0.5"), TypeError, rf"{_f}: pos must be a real"),
+        Bad(f"{_f}: start a str", lambda f=_fn: f("1", 2), TypeError, rf"{_f}: start must be a real"),
+        Bad(f"{_f}: end inf", lambda f=_fn: f(1, math.inf), ValueError, rf"{_f}: end must be a finite"),
+        Bad(f"{_f}: start a bool", lambda f=_fn: f(True, 2), TypeError, rf"{_f}: start must be a real"),
+    ]
+BAD += [
+    Bad(
+        "sched_exp: start 0",
+        lambda: schedules.sched_exp(0, 1),
+        ValueError,
+        r"sched_exp: start must be a finite number > 0",
+    ),
+    Bad(
+        "sched_exp: across zero",
+        lambda: schedules.sched_exp(1, -1),
+        ValueError,
+        r"sched_exp: end must be a finite number > 0",
+    ),
+    Bad(
+        "sched_exp: both negative",
+        lambda: schedules.sched_exp(-1, -4),
+        ValueError,
+        r"sched_exp: start must be a finite number > 0",
+        defect=True,
+    ),
+    Bad("annealer: not a function", lambda: schedules.annealer(3), TypeError, r"annealer: f must be"),
+    Bad(
+        "combine_scheds: sum 0.9",
+        lambda: schedules.combine_scheds([0.3, 0.6], [schedules.sched_no(1, 1)] * 2),
+        ValueError,
+        r"combine_scheds: pcts must sum to 1",
+    ),
+    Bad(
+        "combine_scheds: a negative pct",
+        lambda: schedules.combine_scheds([1.2, -0.2], [schedules.sched_no(1, 1)] * 2),
+        ValueError,
+        r"combine_scheds: pcts\[1\] must be in \[0, 1\]",
+    ),
+    Bad(
+        "combine_scheds: counts differ",
+        lambda: schedules.combine_scheds([0.5, 0.5], [schedules.sched_no(1, 1)]),
+        ValueError,
+        r"combine_scheds: scheds must .* one per pct",
+    ),
+    Bad(
+        "combine_scheds: no pcts",
+        lambda: schedules.combine_scheds([], []),
+        ValueError,
+        r"combine_scheds: pcts must be non-empty",
+    ),
+    Bad(
+        "combine_scheds: a nan pct",
+        lambda: schedules.combine_scheds([math.nan, 1.0], [schedules.sched_no(1, 1)] * 2),
+        ValueError,
+        r"pcts\[0\] must be a finite",
+    ),
+    Bad(
+        "combine_scheds: pcts a str",
+        lambda: schedules.combine_scheds("01", [schedules.sched_no(1, 1)] * 2),
+        TypeError,
+        r"combine_scheds: pcts must be a list",
+    ),
+    Bad(
+        "combine_scheds: a sched not callable",
+        lambda: schedules.combine_scheds([0.5, 0.5], [schedules.sched_no(1, 1), 2.0]),
+        TypeError,
+        r"combine_scheds: scheds\[1\] must be callable",
+    ),
+    Bad(
+        "combine_scheds: pos 1.5",
+        lambda: schedules.combine_scheds([1.0], [schedules.sched_no(1, 1)])(1.5),
+        ValueError,
+        r"combine_scheds: pos must be in",
+    ),
+    Bad(
+        "cos_1cycle_anneal: high nan",
+        lambda: schedules.cos_1cycle_anneal(0.1, math.nan, 0.1),
+        ValueError,
+        r"cos_1cycle_anneal: high must be a finite",
+    ),
+]
+
 
 # ------------------------------------------------------------------------ minilib.learner
 
