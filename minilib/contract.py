@@ -143,7 +143,12 @@ def one_of(fname: str, arg: str, value: Any, choices: Iterable[Any]) -> None:
 
 
 def class_indices(
-    fname: str, target: torch.Tensor, n_classes: int, *, arg: str = "target", scores: str = "input",
+    fname: str,
+    target: torch.Tensor,
+    n_classes: int,
+    *,
+    arg: str = "target",
+    scores: str = "input",
     ignore_index: int | None = None,
 ) -> None:
     """``target`` holds int64 class indices in ``[0, n_classes)`` (or ``ignore_index``): IndexError naming the
@@ -180,7 +185,26 @@ def linear(fname: str, **xwb: torch.Tensor) -> None:
 
 # ------------------------------------------------------------------ words the lessons' modules use (issue 9)
 
-__all__ += ["same_shape", "finite", "between", "nonempty", "matmul", "scores", "classification", "regression"]
+__all__ += [
+    "weight",
+    "same_shape",
+    "finite",
+    "between",
+    "nonempty",
+    "same_length",
+    "matmul",
+    "scores",
+    "classification",
+    "regression",
+    "check_logits_and_target",
+]
+
+
+def weight(fname: str, **named: Any) -> None:
+    """Each value is a float weight in PyTorch's layout ``[out, in, *kernel]``, of 2 to 5 dims."""
+    float_tensor(fname, **named)
+    for arg, x in named.items():
+        ndim(fname, arg, x, range(2, 6), "[out, in, *kernel]")
 
 
 def same_shape(fname: str, **named: torch.Tensor) -> None:
@@ -228,6 +252,16 @@ def nonempty(fname: str, **named: Any) -> None:
             fail(fname, arg, "non-empty", f"{describe(x)} of length 0")
 
 
+def same_length(fname: str, **named: Any) -> None:
+    """All values have one length (inputs and their targets, say); the message lists each length."""
+    for arg, x in named.items():
+        if not hasattr(x, "__len__"):
+            fail(fname, arg, "a sized collection (with a len)", x, TypeError)
+    if len({len(x) for x in named.values()}) > 1:
+        each = ", ".join(f"{arg} {len(x)}" for arg, x in named.items())
+        raise ValueError(f"{fname}: {' and '.join(named)} must have one length, got {each}")
+
+
 def matmul(fname: str, **ab: torch.Tensor) -> None:
     """The operands of ``a @ b``: a [m, k] and b [k, n] numeric (not bool) matrices, one device, one dtype.
 
@@ -268,7 +302,7 @@ def classification(fname: str, **scores_target: torch.Tensor) -> None:
     scores(fname, **{sn: s})
     ndim(fname, sn, s, 2, "[N, C] (a batch of rows of class scores)")
     if s.shape[0] == 0:
-        fail(fname, sn, "at least one row (a mean over no rows is nan)", s)
+        fail(fname, sn, "a batch of at least one row (a mean over none is nan)", s)
     tensor(fname, **{tn: t})
     if t.dtype != torch.int64:
         fail(fname, tn, "int64 class indices", t)
@@ -276,6 +310,12 @@ def classification(fname: str, **scores_target: torch.Tensor) -> None:
         fail(fname, tn, f"1-D with one class per row of {sn} ({sn} is {shape(s)})", t)
     same_device(fname, **scores_target)
     class_indices(fname, t, s.shape[1], arg=tn, scores=sn)
+
+
+def check_logits_and_target(input, target, name, input_name="input", target_name="target") -> None:
+    """`classification` under the name and positional signature that ``minilib.loss`` exported first (the
+    kernels call it): ``input`` [N, C] scores, ``target`` [N], named ``input_name`` and ``target_name``."""
+    classification(name, **{input_name: input, target_name: target})
 
 
 def regression(fname: str, **output_targ: torch.Tensor) -> None:

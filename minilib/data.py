@@ -13,15 +13,21 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader as TorchDataLoader
 
+from minilib import contract
 from minilib.mnist import get_data
 
 __all__ = ["get_data", "normalize", "Dataset", "Sampler", "collate", "DataLoader", "get_dls", "DataBunch"]
 
 
 def normalize(x: torch.Tensor, m, s) -> torch.Tensor:
-    """(x - m) / s. Use the TRAINING set's mean and std for every split, so all see the same transform."""
-    if float(torch.as_tensor(s).abs().min()) == 0.0:
-        raise ValueError(f"normalize: s must be non-zero (it divides), got {s}")
+    """(x - m) / s. Use the TRAINING set's mean and std for every split, so all see the same transform.
+
+    ``m`` and ``s`` are numbers or tensors (per-feature statistics broadcast); a NaN or infinite statistic,
+    or a zero std, would turn every pixel into NaN or inf, so they are refused.
+    """
+    contract.tensor("normalize", x=x)
+    contract.finite("normalize", m=m)
+    contract.finite("normalize", nonzero=True, s=s)
     return (x - m) / s
 
 
@@ -29,8 +35,7 @@ class Dataset:
     """Pairs inputs with targets: ``ds[i]`` and ``ds[i:j]`` give ``(x, y)``."""
 
     def __init__(self, x, y):
-        if len(x) != len(y):
-            raise ValueError(f"Dataset: x and y must have the same length, got {len(x)} and {len(y)}")
+        contract.same_length("Dataset", x=x, y=y)
         self.x, self.y = x, y
 
     def __len__(self) -> int:
@@ -43,12 +48,6 @@ class Dataset:
         return f"Dataset(len={len(self)})"
 
 
-def _check_bs(bs, name: str) -> int:
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-        raise ValueError(f"{name}: bs must be a positive int, got {bs!r}")
-    return bs
-
-
 class Sampler:
     """Yields batches of indices: every index exactly once per epoch, shuffled afresh each epoch if asked.
 
@@ -56,7 +55,8 @@ class Sampler:
     """
 
     def __init__(self, ds: Sequence, bs: int, shuffle: bool = False):
-        self.n, self.bs, self.shuffle = len(ds), _check_bs(bs, "Sampler"), shuffle
+        contract.positive_int("Sampler", bs=bs)
+        self.n, self.bs, self.shuffle = len(ds), bs, shuffle
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         idxs = torch.randperm(self.n) if self.shuffle else torch.arange(self.n)
@@ -69,11 +69,10 @@ class Sampler:
 
 def collate(batch):
     """Stack a list of ``(x, y)`` pairs into one ``(xb, yb)`` pair of batched tensors."""
-    if len(batch) == 0:
-        raise ValueError("collate: batch must hold at least one (x, y) pair, got an empty list")
+    contract.nonempty("collate", batch=batch)
     for i, item in enumerate(batch):
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise ValueError(f"collate: item {i} of batch must be an (x, y) pair, got {type(item).__name__}")
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            contract.fail("collate", f"batch[{i}]", "an (x, y) pair", item)
     xs, ys = zip(*batch, strict=True)
     return torch.stack(xs), torch.stack(ys)
 
@@ -102,7 +101,8 @@ def get_dls(train_ds, valid_ds, bs: int, **kwargs) -> tuple[TorchDataLoader, Tor
 
     Validation keeps no activations for a backward pass, so twice the batch fits in the same memory.
     """
-    _check_bs(bs, "get_dls")
+    contract.positive_int("get_dls", bs=bs)
+    contract.nonempty("get_dls", train_ds=train_ds, valid_ds=valid_ds)  # else torch says "num_samples=0"
     return (
         TorchDataLoader(train_ds, batch_size=bs, shuffle=True, **kwargs),
         TorchDataLoader(valid_ds, batch_size=bs * 2, **kwargs),
@@ -113,6 +113,8 @@ class DataBunch:
     """The training and validation loaders, plus ``c``, the number of classes (outputs)."""
 
     def __init__(self, train_dl, valid_dl, c: int | None = None):
+        if c is not None:
+            contract.positive_int("DataBunch", c=c)
         self.train_dl, self.valid_dl, self.c = train_dl, valid_dl, c
 
     @property

@@ -15,52 +15,29 @@ unscaled it overflows to inf/nan, scaled by 0.01 it vanishes, scaled by 1/sqrt(5
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 
+from minilib import contract
+
 __all__ = ["gain", "stats", "fan_in_fan_out", "kaiming2", "deep_matmul_stds"]
-
-
-def _check_slope(a, name: str) -> float:
-    if isinstance(a, bool) or not isinstance(a, Real):
-        raise TypeError(f"{name}: a (the leaky ReLU's negative slope) must be a real number, got {a!r}")
-    if not math.isfinite(a):
-        raise ValueError(f"{name}: a (the leaky ReLU's negative slope) must be finite, got {a}")
-    return a
 
 
 def gain(a: float) -> float:
     """sqrt(2 / (1 + a**2)): the factor that keeps a leaky ReLU of negative slope ``a`` from shrinking
     its input's second moment. gain(0) = sqrt(2) (plain ReLU), gain(1) = 1 (no non-linearity),
     gain(sqrt(5)) = 1/sqrt(3), PyTorch's accidental default."""
-    a = _check_slope(a, "gain")
+    a = contract.finite_number("gain", a=a)
     # The same expression as torch.nn.init.calculate_gain("leaky_relu", a), so kaiming2 draws the same bound.
     return math.sqrt(2.0 / (1 + a**2))
 
 
 def stats(x: torch.Tensor) -> tuple[float, float]:
     """(mean, std) of all of ``x``'s elements as Python floats: the lesson's view of activations."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"stats: x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"stats: x must be a floating-point tensor, got dtype {x.dtype}")
+    contract.float_tensor("stats", x=x)
     if x.numel() < 2:
-        raise ValueError(f"stats: x needs at least 2 elements for a std, got shape {tuple(x.shape)}")
-    x = x.detach()
-    return x.mean().item(), x.std().item()
-
-
-def _fans(w: torch.Tensor, name: str, arg: str) -> tuple[int, int]:
-    if not isinstance(w, torch.Tensor):
-        raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(w).__name__}")
-    if w.dim() < 2:
-        raise ValueError(
-            f"{name}: {arg} must have at least 2 dims [out, in, *kernel] to have a fan-in and fan-out, "
-            f"got shape {tuple(w.shape)} (a bias has no fan)"
-        )
-    receptive_field = math.prod(w.shape[2:])
-    return w.shape[1] * receptive_field, w.shape[0] * receptive_field
+        contract.fail("stats", "x", "a tensor of at least 2 elements (for a std)", x)
+    return x.detach().mean().item(), x.detach().std().item()
 
 
 def fan_in_fan_out(w: torch.Tensor) -> tuple[int, int]:
@@ -68,8 +45,11 @@ def fan_in_fan_out(w: torch.Tensor) -> tuple[int, int]:
 
     Each output sums ``in * receptive_field`` products (the fan-in); each input feeds
     ``out * receptive_field`` outputs (the fan-out). For ``nn.Conv2d(1, 32, 5)``: 25 and 800.
+    A bias (1-D) has no fan.
     """
-    return _fans(w, "fan_in_fan_out", "w")
+    contract.weight("fan_in_fan_out", w=w)
+    receptive_field = math.prod(w.shape[2:])
+    return w.shape[1] * receptive_field, w.shape[0] * receptive_field
 
 
 def kaiming2(x: torch.Tensor, a: float, use_fan_out: bool = False) -> torch.Tensor:
@@ -79,16 +59,12 @@ def kaiming2(x: torch.Tensor, a: float, use_fan_out: bool = False) -> torch.Tens
     sqrt(3) times that. The float arithmetic and the single ``uniform_`` call are the ones
     ``torch.nn.init.kaiming_uniform_(x, a=a)`` makes, so with the same seed both give the same tensor.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"kaiming2: x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"kaiming2: x must be a floating-point tensor, got dtype {x.dtype}")
-    a = _check_slope(a, "kaiming2")
-    fan_in, fan_out = _fans(x, "kaiming2", "x")
+    contract.weight("kaiming2", x=x)
+    a = contract.finite_number("kaiming2", a=a)
     if x.numel() == 0:
         return x  # nothing to fill; PyTorch likewise draws nothing (it warns)
-    fan = fan_out if use_fan_out else fan_in
-    std = gain(a) / math.sqrt(fan)
+    fan_in, fan_out = fan_in_fan_out(x)
+    std = gain(a) / math.sqrt(fan_out if use_fan_out else fan_in)
     bound = math.sqrt(3.0) * std
     with torch.no_grad():  # x is usually a Parameter: an in-place draw must not enter the autograd graph
         return x.uniform_(-bound, bound)
@@ -103,10 +79,9 @@ def deep_matmul_stds(
     Each output of ``a @ x`` is a sum of ``n_units`` products of unit-variance numbers, so its
     variance is ``n_units`` times theirs: only ``scale = 1/sqrt(n_units)`` keeps it at 1.
     """
-    if isinstance(n_units, bool) or not isinstance(n_units, int) or n_units < 2:
-        raise ValueError(f"deep_matmul_stds: n_units must be an int >= 2, got {n_units!r}")
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"deep_matmul_stds: n_steps must be a positive int, got {n_steps!r}")
+    scale = contract.finite_number("deep_matmul_stds", scale=scale)
+    contract.positive_int("deep_matmul_stds", minimum=2, n_units=n_units)  # a std needs 2 numbers
+    contract.positive_int("deep_matmul_stds", n_steps=n_steps)
     x = torch.randn(n_units, generator=generator)
     a = torch.randn(n_units, n_units, generator=generator) * scale
     stds = []

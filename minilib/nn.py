@@ -8,13 +8,12 @@ validation loss and accuracy over SAMPLES (weighted by batch size) rather than o
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
-from numbers import Real
 
 import torch
 from torch import nn
 
+from minilib import contract
 from minilib.loss import accuracy
 
 __all__ = ["DummyModule", "SequentialModel", "Optimizer", "fit"]
@@ -34,10 +33,7 @@ class DummyModule:
         self._modules: dict[str, object] = {}  # skipped by __setattr__: the registry is not a layer
         sizes = (n_in, nh, n_out)
         if any(s is not None for s in sizes):
-            if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
-                raise ValueError(
-                    f"DummyModule: n_in, nh and n_out must be positive ints (or all left out), got {sizes}"
-                )
+            contract.positive_int("DummyModule", n_in=n_in, nh=nh, n_out=n_out)
             self.l1 = nn.Linear(n_in, nh)
             self.relu = nn.ReLU()
             self.l2 = nn.Linear(nh, n_out)
@@ -79,10 +75,8 @@ class SequentialModel(nn.Module):
         super().__init__()
         layers = list(layers)
         for i, layer in enumerate(layers):
-            if not isinstance(layer, nn.Module):
-                raise TypeError(
-                    f"SequentialModel: layers must be nn.Modules, but layer {i} is {type(layer).__name__}"
-                )
+            if not isinstance(layer, nn.Module):  # a plain function would be skipped by parameters()
+                contract.fail("SequentialModel", f"layers[{i}]", "an nn.Module", layer, TypeError)
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,15 +94,11 @@ class Optimizer:
     """
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float = 0.5):
-        self.params = list(params)
-        if len(self.params) == 0:
-            raise ValueError("Optimizer: params is empty: pass model.parameters() of a model that has some")
-        for i, p in enumerate(self.params):
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"Optimizer: params must be tensors, but item {i} is {type(p).__name__}")
-        if isinstance(lr, bool) or not isinstance(lr, Real) or not math.isfinite(lr) or lr < 0:
-            raise ValueError(f"Optimizer: lr must be a finite number >= 0, got {lr!r}")
-        self.lr = lr
+        self.params, self.lr = list(params), contract.finite_number("Optimizer", lr=lr)
+        contract.nonempty("Optimizer", params=self.params)
+        contract.tensor("Optimizer", **{f"params[{i}]": p for i, p in enumerate(self.params)})
+        if self.lr < 0:
+            contract.fail("Optimizer", "lr", "a finite number >= 0", lr)
 
     def step(self) -> None:
         with torch.no_grad():
@@ -144,8 +134,7 @@ def fit(
     training and ``model.eval()`` before validating switch layers such as dropout and batchnorm;
     validation runs under ``torch.no_grad()``: no backward, so no graph or activations are kept.
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"fit: epochs must be an int >= 0, got {epochs!r}")
+    contract.positive_int("fit", minimum=0, epochs=epochs)
     history = []
     for _ in range(epochs):
         model.train()
@@ -165,6 +154,6 @@ def fit(
                 tot_acc += accuracy(pred, yb).item() * bs
                 n += bs
         if n == 0:
-            raise ValueError("fit: valid_dl yielded no samples, so there is nothing to average")
+            contract.fail("fit", "valid_dl", "a loader that yields samples to average over", "none")
         history.append((tot_loss / n, tot_acc / n))
     return history

@@ -11,8 +11,9 @@ from __future__ import annotations
 import bisect
 import functools
 import math
-import numbers
 from collections.abc import Callable, Sequence
+
+from minilib import contract
 
 __all__ = [
     "Schedule",
@@ -26,27 +27,6 @@ __all__ = [
 ]
 
 
-def _check_number(x, fname: str, arg: str) -> float:
-    # Tensors of one element are fine (the lesson plots schedules over torch.linspace), bools are not.
-    if isinstance(x, bool) or not (isinstance(x, numbers.Real) or _is_scalar_tensor(x)):
-        raise TypeError(f"{fname}: {arg} must be a real number, got {type(x).__name__} {x!r}")
-    x = float(x)
-    if not math.isfinite(x):
-        raise ValueError(f"{fname}: {arg} must be finite, got {x}")
-    return x
-
-
-def _is_scalar_tensor(x) -> bool:
-    return hasattr(x, "numel") and hasattr(x, "item") and x.numel() == 1
-
-
-def _check_pos(pos, fname: str) -> float:
-    pos = _check_number(pos, fname, "pos")
-    if not 0.0 <= pos <= 1.0:
-        raise ValueError(f"{fname}: pos is the fraction of training done and must lie in [0, 1], got {pos}")
-    return pos
-
-
 class Schedule:
     """``f(start, end, pos)`` with ``start`` and ``end`` fixed: call it with ``pos`` in [0, 1], get a float.
 
@@ -56,7 +36,8 @@ class Schedule:
     def __init__(self, f: Callable, start, end, builder: Callable | None = None):
         name = getattr(f, "__name__", "schedule")
         self.f, self.name, self.builder = f, name, builder
-        self.start, self.end = _check_number(start, name, "start"), _check_number(end, name, "end")
+        self.start = contract.finite_number(name, start=start)
+        self.end = contract.finite_number(name, end=end)
 
     def __reduce__(self):
         # Pickle as "call the public builder again" (sched_cos(1, 2)): the raw f hides behind the decorator.
@@ -65,7 +46,7 @@ class Schedule:
         return (self.builder, (self.start, self.end))
 
     def __call__(self, pos) -> float:
-        return float(self.f(self.start, self.end, _check_pos(pos, self.name)))
+        return float(self.f(self.start, self.end, contract.between(self.name, 0.0, 1.0, pos=pos)))
 
     def __repr__(self) -> str:
         return f"{self.name}({self.start:g}, {self.end:g})"
@@ -73,6 +54,8 @@ class Schedule:
 
 def annealer(f: Callable[[float, float, float], float]) -> Callable[[float, float], Schedule]:
     """Decorator: ``f(start, end, pos)`` becomes ``f(start, end)`` returning ``pos -> value``."""
+    if not callable(f):
+        contract.fail("annealer", "f", "a function f(start, end, pos)", f, TypeError)
 
     @functools.wraps(f)
     def _inner(start, end) -> Schedule:
@@ -81,16 +64,27 @@ def annealer(f: Callable[[float, float, float], float]) -> Callable[[float, floa
     return _inner
 
 
+def _mix(start: float, end: float, w: float) -> float:
+    """``start + w * (end - start)`` for a weight w in [0, 1], as ``start * (1 - w) + end * w``: the
+    difference ``end - start`` overflows for finite ends of opposite signs (1e308 and -1e308), the
+    weighted sum cannot, and it gives ``start`` at w = 0 and ``end`` at w = 1 exactly. Clamped to the
+    two ends, which the result lies between mathematically (rounding could step a hair outside)."""
+    lo, hi = min(start, end), max(start, end)
+    return min(max(start * (1 - w) + end * w, lo), hi)
+
+
 @annealer
 def sched_lin(start: float, end: float, pos: float) -> float:
-    """Straight line from ``start`` (pos 0) to ``end`` (pos 1)."""
-    return start + pos * (end - start)
+    """Straight line from ``start`` (pos 0) to ``end`` (pos 1): the lesson's ``start + pos*(end-start)``."""
+    return _mix(start, end, pos)
 
 
 @annealer
 def sched_cos(start: float, end: float, pos: float) -> float:
-    """Half a cosine from ``start`` to ``end``: flat at both ends, steepest in the middle."""
-    return start + (1 + math.cos(math.pi * (1 - pos))) * (end - start) / 2
+    """Half a cosine from ``start`` to ``end``: flat at both ends, steepest in the middle.
+
+    The lesson's ``start + (1 + cos(pi * (1 - pos))) * (end - start) / 2``, as a weighted mix."""
+    return _mix(start, end, (1 + math.cos(math.pi * (1 - pos))) / 2)
 
 
 @annealer
@@ -100,7 +94,8 @@ def sched_no(start: float, end: float, pos: float) -> float:
 
 
 def _exp(start: float, end: float, pos: float) -> float:
-    return start * (end / start) ** pos
+    # start * (end / start) ** pos, with the ratio taken in logs: end / start overflows for 1e-300 and 1e300.
+    return min(max(math.exp(_mix(math.log(start), math.log(end), pos)), min(start, end)), max(start, end))
 
 
 _exp.__name__ = "sched_exp"  # what a Schedule's repr prints
@@ -109,15 +104,11 @@ _exp.__name__ = "sched_exp"  # what a Schedule's repr prints
 def sched_exp(start, end) -> Schedule:
     """Geometric from ``start`` to ``end``: equal ratios in equal steps (a straight line on a log axis).
 
-    ``start`` and ``end`` must be non-zero with the same sign, else ``(end / start) ** pos`` is undefined,
-    so this one checks its arguments before it becomes a Schedule.
+    ``(end / start) ** pos`` needs ``start`` and ``end`` of one sign and non-zero; a schedule scales a
+    learning rate or a momentum, so both must be > 0.
     """
-    s, e = _check_number(start, "sched_exp", "start"), _check_number(end, "sched_exp", "end")
-    if s == 0 or e == 0 or (s < 0) != (e < 0):
-        raise ValueError(
-            f"sched_exp: start and end must be non-zero and of the same sign, got start={s:g}, end={e:g}"
-        )
-    return Schedule(_exp, s, e, builder=sched_exp)
+    contract.finite_number("sched_exp", positive=True, start=start, end=end)
+    return Schedule(_exp, start, end, builder=sched_exp)
 
 
 class CombinedSchedule:
@@ -134,7 +125,7 @@ class CombinedSchedule:
         self.last = max(i for i, p in enumerate(pcts) if bounds[i + 1] > bounds[i])
 
     def __call__(self, pos) -> float:
-        pos = _check_pos(pos, "combine_scheds")
+        pos = contract.between("combine_scheds", 0.0, 1.0, pos=pos)
         # The segment i with bounds[i] <= pos < bounds[i+1]; bisect_right skips empty segments by itself.
         i = min(bisect.bisect_right(self.bounds, pos) - 1, self.last)
         lo, hi = self.bounds[i], self.bounds[i + 1]
@@ -152,25 +143,18 @@ def combine_scheds(pcts: Sequence[float], scheds: Sequence[Callable]) -> Combine
     schedule. Unlike the lesson's version, the sum is not compared with ``==`` (0.1 + 0.2 + 0.7 is not
     exactly 1 in floating point) and pos = 1.0 is defined (the end of the last piece).
     """
+    fname = "combine_scheds"
     if isinstance(pcts, (str, bytes)) or not isinstance(pcts, Sequence):
-        raise TypeError(f"combine_scheds: pcts must be a list of fractions, got {type(pcts).__name__}")
-    if isinstance(scheds, (str, bytes)) or not isinstance(scheds, Sequence):
-        raise TypeError(f"combine_scheds: scheds must be a list of schedules, got {type(scheds).__name__}")
-    if len(pcts) == 0 or len(pcts) != len(scheds):
-        raise ValueError(
-            f"combine_scheds: pcts and scheds must be non-empty and of the same length (one fraction per "
-            f"schedule), got {len(pcts)} pcts and {len(scheds)} scheds"
-        )
-    pcts = [_check_number(p, "combine_scheds", f"pcts[{i}]") for i, p in enumerate(pcts)]
-    if any(p < 0 for p in pcts):
-        raise ValueError(f"combine_scheds: pcts must all be >= 0, got {pcts}")
-    if abs(sum(pcts) - 1.0) > 1e-6:
-        raise ValueError(
-            f"combine_scheds: pcts must sum to 1 (within 1e-6), got {pcts} summing to {sum(pcts)!r}"
-        )
-    for i, s in enumerate(scheds):
-        if not callable(s):
-            raise TypeError(f"combine_scheds: scheds[{i}] must be callable pos -> value, got {s!r}")
+        contract.fail(fname, "pcts", "a list of fractions", pcts, TypeError)
+    contract.nonempty(fname, pcts=pcts)
+    pcts = [contract.between(fname, 0.0, 1.0, **{f"pcts[{i}]": p}) for i, p in enumerate(pcts)]
+    if abs(sum(pcts) - 1.0) > 1e-6:  # not ==: 0.1 + 0.2 + 0.7 is not exactly 1 in floating point
+        contract.fail(fname, "pcts", "fractions that sum to 1 (within 1e-6)", f"{pcts}, sum {sum(pcts)!r}")
+    if len(scheds) != len(pcts):
+        contract.fail(fname, "scheds", f"{len(pcts)} schedules, one per pct", f"{len(scheds)} schedules")
+    for i, sched in enumerate(scheds):
+        if not callable(sched):
+            contract.fail(fname, f"scheds[{i}]", "a schedule, pos -> value", sched, TypeError)
     return CombinedSchedule(pcts, list(scheds))
 
 
@@ -179,4 +163,5 @@ def cos_1cycle_anneal(start: float, high: float, end: float) -> list[Schedule]:
 
     Give them to ``combine_scheds`` with the warm-up fraction, e.g. ``combine_scheds([0.3, 0.7], ...)``.
     """
+    contract.finite_number("cos_1cycle_anneal", start=start, high=high, end=end)
     return [sched_cos(start, high), sched_cos(high, end)]
