@@ -11,7 +11,10 @@ layers registered by nn.Module (re-created by DummyModule's __setattr__), add_mo
 nn.Sequential; an Optimizer whose step and zero_grad run under no_grad (optim.SGD); Dataset,
 Sampler, collate, DataLoader (PyTorch's); and finally ``fit`` with a validation pass in eval mode,
 without gradients, averaged over samples. The tests answer the questions learners asked about it
-(see LESSONS.md), each by an example that could fail.
+(why softmax and its log, why "negative", why LogSumExp is a trick, why ``__setattr__``, why
+``no_grad`` in the optimizer, why weighted validation averages and a twice-as-large validation batch,
+why ``train()``/``eval()``, and "is my loss better because of my method, or because I re-ran the cell?"),
+each by an example that could fail.
 
 Data: the MNIST sample (8,000 train / 2,000 valid), unnormalised as in the notebook.
 """
@@ -40,7 +43,7 @@ from minilib.loss import (
     softmax,
 )
 from minilib.nn import DummyModule, Optimizer, SequentialModel, fit
-from minilib.testing import test_near
+from minilib.testing import test_close, test_near
 
 pytestmark = pytest.mark.lesson03
 
@@ -55,15 +58,6 @@ NH, BS, LR = 50, 64, 0.5  # the notebook's hidden units, batch size and learning
 def data(mnist_sample):
     """(x_train, y_train, x_valid, y_valid): pixels in [0, 1] (unnormalised, as the notebook's 03)."""
     return mnist_sample
-
-
-def _close(
-    ours: torch.Tensor, theirs: torch.Tensor, what: str, rtol: float = 1e-6, atol: float = 1e-9
-) -> None:
-    """torch.testing.assert_close in float64 terms, with both sides named in the message."""
-    torch.testing.assert_close(
-        ours, theirs, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: ours vs PyTorch: {m}"
-    )
 
 
 def _valid_accuracy(model, x_valid: torch.Tensor, y_valid: torch.Tensor) -> float:
@@ -166,7 +160,7 @@ def test_softmax_gives_rows_of_probabilities_that_sum_to_1():
     p = softmax(x)
     assert bool((p > 0).all())
     test_near(p.sum(-1), torch.ones(6, dtype=torch.float64))
-    _close(p, F.softmax(x, dim=-1), "softmax")
+    test_close(p, F.softmax(x, dim=-1))
     assert torch.equal(p.argmax(-1), x.argmax(-1))
 
 
@@ -186,8 +180,8 @@ def test_nll_picks_each_rows_target_by_integer_array_indexing():
     target = torch.tensor([3, 0, 4, 0])
     picked = logp[[0, 1, 2, 3], [3, 0, 4, 0]]
     assert torch.equal(logp[torch.arange(4), target], picked)
-    _close(nll(logp, target), -picked.mean(), "nll by hand")
-    _close(nll(logp, target), F.nll_loss(logp, target), "nll")
+    test_close(nll(logp, target), -picked.mean())
+    test_close(nll(logp, target), F.nll_loss(logp, target))
 
 
 def test_minimising_negative_log_likelihood_maximises_the_right_class_probability():
@@ -215,13 +209,13 @@ def test_softmax_nll_figure_plots_softmax_and_minus_log_p():
     p_plotted = torch.as_tensor(left.lines[0].get_ydata(), dtype=torch.float64)
     rows = torch.zeros(len(z), 10, dtype=torch.float64)
     rows[:, 0] = z
-    _close(p_plotted, F.softmax(rows, -1)[:, 0], "plotted softmax")
+    test_close(p_plotted, F.softmax(rows, -1)[:, 0])
     middle = len(z) // 2  # the logit 0: all ten logits equal, so each class gets 1/10
     assert z[middle].item() == pytest.approx(0.0, abs=1e-12) and p_plotted[middle].item() == pytest.approx(
         0.1
     )
     p = torch.as_tensor(right.lines[0].get_xdata(), dtype=torch.float64)
-    _close(torch.as_tensor(right.lines[0].get_ydata(), dtype=torch.float64), -p.log(), "plotted -log(p)")
+    test_close(torch.as_tensor(right.lines[0].get_ydata(), dtype=torch.float64), -p.log())
     assert right.lines[0].get_ydata()[-1] == 0.0
 
 
@@ -233,10 +227,10 @@ def test_every_lesson_log_softmax_matches_pytorch_on_ordinary_logits(version):
     upstream = torch.randn(8, 10, dtype=torch.float64)
     ours_x, theirs_x = x.clone().requires_grad_(), x.clone().requires_grad_()
     ours, theirs = LOG_SOFTMAXES[version](ours_x), F.log_softmax(theirs_x, dim=-1)
-    _close(ours, theirs, f"{version} values")
+    test_close(ours, theirs)
     (ours * upstream).sum().backward()
     (theirs * upstream).sum().backward()
-    _close(ours_x.grad, theirs_x.grad, f"{version} gradients")
+    test_close(ours_x.grad, theirs_x.grad)
 
 
 def test_logsumexp_trick_keeps_huge_logits_finite():
@@ -255,9 +249,9 @@ def test_subtracting_the_max_changes_nothing_mathematically():
     x = torch.randn(5, 7, dtype=torch.float64)
     naive = x.exp().sum(-1).log()
     for m in (-3.0, 0.0, 2.5, float(x.max())):
-        _close(m + (x - m).exp().sum(-1).log(), naive, f"shift by {m}")
-    _close(logsumexp(x + 100.0), logsumexp(x) + 100.0, "logsumexp(x + c)")
-    _close(log_softmax(x + 100.0), log_softmax(x), "log_softmax(x + c)", rtol=1e-9, atol=1e-9)
+        test_close(m + (x - m).exp().sum(-1).log(), naive)
+    test_close(logsumexp(x + 100.0), logsumexp(x) + 100.0)
+    test_close(log_softmax(x + 100.0), log_softmax(x), rtol=1e-9, atol=1e-9)
 
 
 EXTREME_LOGITS = {
@@ -307,9 +301,9 @@ def test_a_row_of_minus_infinity_gives_what_pytorch_gives():
     anything else, nor spoil the other rows (a single -inf entry gives log-probability -inf)."""
     inf = float("inf")
     x = torch.tensor([[-inf, -inf, -inf], [0.0, -inf, 1.0], [2.0, 3.0, 4.0]])
-    _close(logsumexp(x), torch.logsumexp(x, dim=-1), "logsumexp")
+    test_close(logsumexp(x), torch.logsumexp(x, dim=-1))
     assert logsumexp(x)[0].item() == -inf
-    _close(log_softmax(x), F.log_softmax(x, dim=-1), "log_softmax")
+    test_close(log_softmax(x), F.log_softmax(x, dim=-1), equal_nan=True)  # the -inf row is nan in both
 
 
 def test_cross_entropy_is_nll_of_log_softmax_and_matches_pytorch(data):
@@ -321,13 +315,13 @@ def test_cross_entropy_is_nll_of_log_softmax_and_matches_pytorch(data):
     pred = model(x_train[:512].double()).detach()
     y = y_train[:512]
     loss = nll(log_softmax(pred), y)
-    _close(loss, F.nll_loss(F.log_softmax(pred, -1), y), "nll(log_softmax)")
-    _close(cross_entropy(pred, y), F.cross_entropy(pred, y), "cross_entropy")
-    _close(logsumexp(pred), pred.logsumexp(-1), "logsumexp")
+    test_close(loss, F.nll_loss(F.log_softmax(pred, -1), y))
+    test_close(cross_entropy(pred, y), F.cross_entropy(pred, y))
+    test_close(logsumexp(pred), pred.logsumexp(-1))
     ours_p, theirs_p = pred.clone().requires_grad_(), pred.clone().requires_grad_()
     cross_entropy(ours_p, y).backward()
     F.cross_entropy(theirs_p, y).backward()
-    _close(ours_p.grad, theirs_p.grad, "gradient of cross_entropy")
+    test_close(ours_p.grad, theirs_p.grad)
 
 
 @pytest.mark.parametrize("case", list(EXTREME_LOGITS))
@@ -351,60 +345,6 @@ def test_loss_functions_return_the_inputs_dtype(dtype):
     y = torch.tensor([0, 1, 2, 4])
     for out in (softmax(x), log_softmax(x), logsumexp(x), cross_entropy(x, y), nll(log_softmax(x), y)):
         assert out.dtype == dtype
-
-
-BAD_INPUTS = {
-    "input 1-D": (lambda: torch.randn(5), lambda: torch.tensor([0, 1, 2, 3, 4]), ValueError, "2-D"),
-    "input 3-D": (lambda: torch.randn(2, 3, 5), lambda: torch.tensor([0, 1]), ValueError, "2-D"),
-    "integer input": (
-        lambda: torch.ones(2, 5, dtype=torch.int64),
-        lambda: torch.tensor([0, 1]),
-        ValueError,
-        "dtype",
-    ),
-    "float target": (lambda: torch.randn(2, 5), lambda: torch.tensor([0.0, 1.0]), ValueError, "int64"),
-    "int32 target": (
-        lambda: torch.randn(2, 5),
-        lambda: torch.tensor([0, 1], dtype=torch.int32),
-        ValueError,
-        "int64",
-    ),
-    "target too short": (
-        lambda: torch.randn(3, 5),
-        lambda: torch.tensor([0, 1]),
-        ValueError,
-        r"\(3, 5\).*\(2,\)",
-    ),
-    "2-D target": (lambda: torch.randn(2, 5), lambda: torch.tensor([[0], [1]]), ValueError, "1-D"),
-    "empty batch": (
-        lambda: torch.randn(0, 5),
-        lambda: torch.zeros(0, dtype=torch.int64),
-        ValueError,
-        "one row",
-    ),
-    "list input": (lambda: [[0.0, 1.0]], lambda: torch.tensor([0]), TypeError, "torch.Tensor"),
-}
-
-
-@pytest.mark.parametrize("func", [nll, cross_entropy, accuracy], ids=lambda f: f.__name__)
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_loss_functions_reject_inputs_of_the_wrong_rank_length_or_dtype(func, case):
-    """The contract: input [N, C] float, target int64 [N]. Anything else fails early with a message
-    naming the function and what it got, instead of a confusing indexing error or a silent nan."""
-    make_input, make_target, error, pattern = BAD_INPUTS[case]
-    with pytest.raises(error, match=pattern) as err:
-        func(make_input(), make_target())
-    assert str(err.value).startswith(f"{func.__name__}: ")
-
-
-@pytest.mark.parametrize("func", [nll, cross_entropy, accuracy], ids=lambda f: f.__name__)
-def test_a_class_index_out_of_range_raises_index_error_naming_it(func):
-    """Class 7 with only 5 classes (or class -1) is an IndexError naming the class, its position and
-    the number of classes: the usual cause is a model with the wrong number of outputs."""
-    with pytest.raises(IndexError, match="holds class 7 at position 2, but .* has only 5 classes"):
-        func(torch.randn(4, 5), torch.tensor([0, 1, 7, 2]))
-    with pytest.raises(IndexError, match="holds class -1 at position 0"):
-        func(torch.randn(4, 5), torch.tensor([-1, 1, 2, 2]))
 
 
 def test_accuracy_is_the_fraction_of_rows_whose_argmax_is_the_target():
@@ -538,8 +478,6 @@ def test_sequential_model_registers_its_layers_through_module_list():
     assert isinstance(model.layers, nn.ModuleList) and len(list(model.parameters())) == 4
     x = torch.randn(2, 784)
     test_near(model(x), layers[2](layers[1](layers[0](x))))
-    with pytest.raises(TypeError, match="SequentialModel: layers must be nn.Modules, but layer 1 is"):
-        SequentialModel([nn.Linear(2, 2), F.relu])
 
 
 def test_optimizer_makes_the_same_updates_as_sgd_step_for_step(data):
@@ -560,14 +498,6 @@ def test_optimizer_makes_the_same_updates_as_sgd_step_for_step(data):
             opt.zero_grad()
         for p, q in zip(ours_model.parameters(), theirs_model.parameters(), strict=True):
             assert torch.equal(p, q), f"step {i // BS}: max diff {(p - q).abs().max().item():.3g}"
-
-
-def test_optimizer_rejects_bad_arguments():
-    """An empty parameter list (a model with no layers registered) or a negative lr fails at once."""
-    with pytest.raises(ValueError, match="Optimizer: params is empty"):
-        Optimizer(iter([]))
-    with pytest.raises(ValueError, match="Optimizer: lr must be a finite number >= 0, got -1"):
-        Optimizer(nn.Linear(2, 2).parameters(), lr=-1)
 
 
 @pytest.mark.parametrize("make_opt", [Optimizer, optim.SGD], ids=["Optimizer", "optim.SGD"])
@@ -605,11 +535,11 @@ def test_accumulating_k_small_batches_then_stepping_equals_one_big_batch(data):
         (F.cross_entropy(small(xb[i : i + 16]), yb[i : i + 16]) / k).backward()
     F.cross_entropy(big(xb), yb).backward()
     for p, q in zip(small.parameters(), big.parameters(), strict=True):
-        _close(p.grad, q.grad, "accumulated gradient", rtol=1e-10, atol=1e-12)
+        test_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
     small_opt.step()
     big_opt.step()
     for p, q in zip(small.parameters(), big.parameters(), strict=True):
-        _close(p, q, "parameters after one step", rtol=1e-10, atol=1e-12)
+        test_close(p, q, rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -624,8 +554,6 @@ def test_dataset_gives_x_y_pairs_by_index_and_by_slice(data):
     xb, yb = ds[0:5]
     assert xb.shape == (5, 784) and yb.shape == (5,)
     assert torch.equal(ds[3][0], x_train[3]) and ds[3][1].item() == y_train[3].item()
-    with pytest.raises(ValueError, match="Dataset: x and y must have the same length, got 8000 and 7999"):
-        Dataset(x_train, y_train[:-1])
 
 
 def test_sampler_yields_every_index_once_with_a_short_last_batch():
@@ -856,10 +784,3 @@ def test_rerunning_fit_on_an_already_trained_model_gives_a_better_loss_that_is_n
     [(first_loss, _)] = history
     assert rerun_loss < first_loss, f"re-run {rerun_loss:.4f} vs first run {first_loss:.4f}"
     assert fresh_history == history
-
-
-def test_fit_rejects_an_empty_validation_set():
-    """With no validation samples there is nothing to average: an error, not a division by zero or a nan."""
-    model = nn.Linear(4, 2)
-    with pytest.raises(ValueError, match="fit: valid_dl yielded no samples"):
-        fit(1, model, F.cross_entropy, Optimizer(model.parameters()), [], [])

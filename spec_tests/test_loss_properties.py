@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minilib.loss import cross_entropy, log_softmax, logsumexp, softmax
+from minilib.testing import test_close
 
 pytestmark = pytest.mark.lesson03
 
@@ -33,15 +34,11 @@ def logits(draw, min_dims: int = 1, max_dims: int = 3, dtype=torch.float64):
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
 
 
-def _close(ours, theirs, what, **tol):
-    torch.testing.assert_close(ours, theirs, msg=lambda m: f"{what}: ours vs PyTorch: {m}", **tol)
-
-
 @SETTINGS
 @given(x=logits())
 def test_log_softmax_equals_pytorchs_for_any_shape_and_scale(x):
     """Over the last dim, for any batch shape and any size of logits, in float64."""
-    _close(log_softmax(x), F.log_softmax(x, dim=-1), "log_softmax")
+    test_close(log_softmax(x), F.log_softmax(x, dim=-1))
 
 
 @SETTINGS
@@ -50,7 +47,7 @@ def test_logsumexp_equals_pytorchs_for_any_shape_and_scale(x):
     """The max trick gives torch.logsumexp's answer, never inf or nan for finite logits."""
     ours = logsumexp(x)
     assert bool(torch.isfinite(ours).all())
-    _close(ours, torch.logsumexp(x, dim=-1), "logsumexp")
+    test_close(ours, torch.logsumexp(x, dim=-1))
 
 
 @SETTINGS
@@ -59,7 +56,7 @@ def test_softmax_rows_are_probabilities_summing_to_1(x):
     """Whatever the scale, softmax is in [0, 1] and each row sums to 1."""
     p = softmax(x)
     assert bool(((p >= 0) & (p <= 1)).all())
-    _close(p.sum(-1), torch.ones(x.shape[:-1], dtype=x.dtype), "row sums")
+    test_close(p.sum(-1), torch.ones(x.shape[:-1], dtype=x.dtype))
 
 
 @SETTINGS
@@ -67,7 +64,7 @@ def test_softmax_rows_are_probabilities_summing_to_1(x):
 def test_shifting_every_logit_leaves_log_softmax_unchanged(x, shift):
     """Shift invariance, the reason the LogSumExp trick is allowed (up to the rounding of x + shift)."""
     tol = 1e-12 * (x.abs().max().item() + abs(shift)) + 1e-12
-    _close(log_softmax(x + shift), log_softmax(x), "shifted", rtol=0, atol=tol * 10)
+    test_close(log_softmax(x + shift), log_softmax(x), rtol=0, atol=tol * 10)
 
 
 @SETTINGS
@@ -83,14 +80,14 @@ def test_cross_entropy_equals_pytorchs_values_and_gradients(x, dtype, data):
     )
     ours_x, theirs_x = x.to(dtype).clone().requires_grad_(), x.to(dtype).clone().requires_grad_()
     ours, theirs = cross_entropy(ours_x, target), F.cross_entropy(theirs_x, target)
-    tol = {}  # float64: assert_close's defaults (rtol 1e-7)
+    tol = {}  # float64: test_close's per-dtype defaults (assert_close's: rtol 1e-7)
     if dtype == torch.float32:
         # the course's tolerance, widened by the float32 spacing of the largest logit (1e-3 at 1e4)
         tol = {"rtol": 1e-3, "atol": 1e-5 + 1e-6 * x.abs().max().item()}
-    _close(ours, theirs, f"cross_entropy {dtype}", **tol)
+    test_close(ours, theirs, **tol)
     ours.backward()
     theirs.backward()
-    _close(ours_x.grad, theirs_x.grad, f"gradient {dtype}", **tol)
+    test_close(ours_x.grad, theirs_x.grad, **tol)
 
 
 @SETTINGS
