@@ -636,6 +636,11 @@ UNTOUCHED += [
     Untouched("normalize", data.normalize, lambda: (t(4, 3), t(3), t(3).abs() + 1)),
     Untouched("collate", lambda *xy: data.collate([xy, xy]), lambda: (t(3), torch.tensor(1))),
     Untouched("Dataset slice", lambda x, y: data.Dataset(x, y)[1:3], lambda: (t(4, 3), t(4))),
+    Untouched(
+        "DataLoader",
+        lambda x, y: list(data.DataLoader(data.Dataset(x, y), data.Sampler(x, 2))),
+        lambda: (t(5, 3), t(5)),
+    ),
 ]
 
 
@@ -734,6 +739,11 @@ BAD += [
         ValueError,
         r"cos_1cycle_anneal: high must be a finite",
     ),
+]
+UNTOUCHED += [
+    Untouched(
+        "sched_cos at a tensor pos", lambda pos: schedules.sched_cos(1, 2)(pos), lambda: (torch.tensor(0.3),)
+    )
 ]
 
 
