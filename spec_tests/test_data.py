@@ -441,7 +441,7 @@ class Mirror:
             self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         scheme = "https" if context is not None else "http"
         self.base = f"{scheme}://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
 
     def close(self):
         self.server.shutdown()
