@@ -23,6 +23,9 @@ from typing import Any
 
 import torch
 
+from minilib import testing
+from minilib.testing import test_close
+
 SETS = ("tiny", "quick", "full")
 
 # Sizes per set. "tiny" is what `pytest --benchmark-disable` (nox -s tests) runs: every case once, in seconds.
@@ -81,9 +84,9 @@ SLOW_CALL_S = 0.02
 
 DTYPES = {"float32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "float64": torch.float64}
 
-# The lesson's tolerance (`near`: rtol 1e-3, atol 1e-5) for float32; reduced-precision formats round their
+# The lesson's tolerance (minilib.testing's `near`) for float32; reduced-precision formats round their
 # inputs (tf32 keeps 10 mantissa bits, bf16 keeps 7), so their checks are looser by that much.
-TOLERANCES = {"float32": (1e-3, 1e-5), "tf32": (5e-3, 1e-5), "bf16": (2e-2, 1e-3)}
+TOLERANCES = {"float32": (testing.RTOL, testing.ATOL), "tf32": (5e-3, testing.ATOL), "bf16": (2e-2, 1e-3)}
 
 
 def bench_set(config: Any) -> str:
@@ -266,10 +269,11 @@ def call_with_peak_memory(fn: Callable[[], Any], device: str) -> tuple[Any, floa
 def check_close(
     what: str, got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float, scale: float = 1.0
 ) -> float:
-    """Raise AssertionError unless ``got * scale`` is within rtol/atol of `want` (compared in float64).
+    """minilib.testing's `test_close` on ``got * scale`` against `want`, compared in float64.
 
     Returns the largest absolute difference. Works through the tensors in chunks, so that checking a
-    gigabyte of logits' gradient does not need four more gigabytes of float64 temporaries.
+    gigabyte of logits' gradient does not need four more gigabytes of float64 temporaries; a failure
+    says which chunk, then test_close's own message.
     """
     if got.shape != want.shape:
         raise AssertionError(f"{what}: shape {tuple(got.shape)} but the reference has {tuple(want.shape)}")
@@ -279,16 +283,14 @@ def check_close(
     for start in range(0, g_all.numel(), chunk):
         g = g_all[start : start + chunk].double() * scale
         w = w_all[start : start + chunk].double()
-        diff = (g - w).abs()
-        bad = ~(diff <= atol + rtol * w.abs())  # written this way round so that NaN counts as bad
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
+        try:
+            test_close(g, w, rtol=rtol, atol=atol)
+        except AssertionError as e:
+            end = start + g.numel() - 1
             raise AssertionError(
-                f"{what}: differs from the float64 reference beyond rtol={rtol}, atol={atol}: element "
-                f"{start + i} (flat index) is {g[i].item()!r} but the reference is {w[i].item()!r} "
-                f"(abs diff {diff[i].item():.3g})"
-            )
-        max_diff = max(max_diff, diff.max().item())
+                f"{what}: flat elements {start}..{end} differ from the reference: {e}"
+            ) from None
+        max_diff = max(max_diff, (g - w).abs().max().item())
     return max_diff
 
 
