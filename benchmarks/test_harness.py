@@ -71,3 +71,25 @@ def test_triton_cases_skip_with_the_reason_when_triton_is_missing(monkeypatch):
     monkeypatch.setattr(bench_matmul, "triton_available", lambda: False)
     with pytest.raises(pytest.skip.Exception, match="Triton is not installed"):
         bench_matmul._kernel("triton")
+
+
+def test_a_limit_is_never_beaten_by_a_case_it_judges():
+    """A peak measured in a busy moment (83 GFLOP/s) and a matmul that then ran at 152: judged against the
+    measured peak the matmul would reach 183% of its limit. Settled at the end of the run, the limit is the
+    best the run reached, said to be so, and every fraction is at most 100%; the measured value is kept."""
+    limits = {"cpu": {"device": "cpu", "peak_gflops": {"float32": 83.0}, "bandwidth_gbps": 10.0}}
+    fast = {"device": "cpu", "dtype": "float32", "flops": 152e9, "bytes": 1e6, "seconds": 1.0, "gbps": 1e-3}
+    slow = dict(fast, flops=76e9)
+    for case in (fast, slow):
+        case["gflops"] = case["flops"] / 1e9
+        harness.judge(case, 83.0, 10.0)
+    assert fast["fraction_of_limit"] == pytest.approx(152 / 83)  # what the report showed before
+    cases = [("square-1024", fast), ("square-512", slow)]
+    for _ in range(2):  # settling twice changes nothing
+        harness.settle_limits(limits, cases)
+        assert limits["cpu"]["peak_gflops"]["float32"] == 152.0
+        assert limits["cpu"]["measured"]["peak_gflops"]["float32"] == 83.0
+        assert limits["cpu"]["source"] == {"peak float32": "best case: square-1024", "bandwidth": "measured"}
+        assert fast["fraction_of_limit"] == pytest.approx(1.0) and slow["fraction_of_limit"] == pytest.approx(
+            0.5
+        )
