@@ -129,14 +129,8 @@ def _mismatch(data: bytes, spec: RemoteFile) -> str | None:
     return None
 
 
-# stat.filemode's first letter names the kind of file.
-_KINDS = {
-    "d": "a directory",
-    "p": "a FIFO",
-    "c": "a character device",
-    "b": "a block device",
-    "s": "a socket",
-}
+# What a file is, by the first letter of stat.filemode (a socket and the rest: "not a regular file").
+_KINDS = {"d": "a directory", "p": "a FIFO", "c": "a character device", "b": "a block device"}
 
 
 def _refuse_unless_regular(mode: int, file: Path) -> None:
@@ -335,7 +329,7 @@ def parse_idx(data: bytes, where: str = "IDX data") -> np.ndarray:
 def read_idx(file: str | os.PathLike) -> np.ndarray:
     """Parse an IDX gzip file (no checksum: use `get_data` for MNIST, which verifies before parsing)."""
     file = Path(file)
-    return parse_idx(file.read_bytes(), f"MNIST file {file.name} in {file.parent}")
+    return parse_idx(_read_bounded(file, UNPUBLISHED_SIZE_LIMIT), f"MNIST file {file.name} in {file.parent}")
 
 
 def _load_idx_pair(folder: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
