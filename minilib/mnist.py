@@ -267,7 +267,11 @@ def _download(spec: RemoteFile, folder: Path) -> None:
             except (ValueError, requests.RequestException) as e:  # this mirror's fault: try the next
                 errors.append(f"{url}: {e}")  # (ValueError: pooch's hash check, or too many bytes)
                 continue
-            os.replace(staged, folder / spec.name)  # atomic on one filesystem: all or nothing
+            try:
+                os.replace(staged, folder / spec.name)  # atomic on one filesystem: all or nothing
+            except FileNotFoundError:  # another process downloading at once moved its copy into place
+                if not (folder / spec.name).exists():
+                    raise
             return
     except OSError as e:  # not the network's: the folder cannot be written (permissions, a file in the way)
         errors = [f"the folder could not be written ({e})"]

@@ -620,6 +620,22 @@ def test_a_killed_download_leaves_nothing_that_is_taken_for_data(serve, tls, pub
     assert _files(tmp_path) == sorted(SAMPLE_FILES)  # the stale leftover and the staging folder are gone
 
 
+def test_a_download_another_process_finished_first_is_not_an_error(serve, published, tmp_path, monkeypatch):
+    """Two processes fetching into one folder at once (say, test workers sharing ~/.cache/minilib): when
+    the other one has already moved the verified file into place, this one finds nothing left to move,
+    and reads the file that is there."""
+    real_replace = os.replace
+
+    def the_other_was_faster(src, dst):
+        real_replace(src, dst)  # the other process's copy lands...
+        raise FileNotFoundError(2, "No such file or directory", str(src))  # ...and ours is gone
+
+    monkeypatch.setattr(mnist.os, "replace", the_other_was_faster)
+    serve(lambda h, path: _send(h, published[_name(path)]))
+    test_eq(get_data(tmp_path, sample=True)[1][:3], torch.tensor([7, 2, 1]))
+    assert _files(tmp_path) == sorted(SAMPLE_FILES)
+
+
 def test_a_bad_first_mirror_falls_back_to_the_next(serve, published, tmp_path):
     """Mirrors are tried in order; a wrong answer from the first is discarded, the second's is kept."""
 
