@@ -37,7 +37,9 @@ else:
 def _fused_path(device: str) -> str:
     """Which path fused_cross_entropy takes here, for the record (the C++ kernel may have failed to build)."""
     if device == "cuda":
-        return "triton"
+        from minilib.kernels import triton_available  # without Triton, CUDA takes the chunked torch path
+
+        return "triton" if triton_available() else "chunked torch (no Triton)"
     try:
         from minilib.kernels import cpu_backend
     except ImportError:

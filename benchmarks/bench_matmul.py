@@ -20,15 +20,8 @@ import pytest
 import torch
 
 from benchmarks import harness
+from minilib.kernels import triton_available, triton_matmul
 from minilib.matmul import MATMULS
-
-try:
-    from minilib.kernels import triton_matmul
-except ImportError as e:  # the kernels module is optional for the harness: its cases skip with the reason
-    triton_matmul = None
-    TRITON_MISSING = f"minilib.kernels.triton_matmul is not available: {e}"
-else:
-    TRITON_MISSING = ""
 
 GPU_DTYPES = ("float32", "tf32", "bf16")
 
@@ -65,8 +58,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def _kernel(name: str):
     if name == "triton":
-        if triton_matmul is None:
-            pytest.skip(TRITON_MISSING)
+        if not triton_available():  # minilib.kernels imports without Triton; triton_matmul would raise
+            pytest.skip(
+                "Triton is not installed (pip install 'minilib[triton]'), so triton_matmul cannot run"
+            )
         return triton_matmul
     return MATMULS[name]
 

@@ -1,10 +1,10 @@
 """`python -m benchmarks.report BENCH_JSON [--out DIR]`: the Markdown report and charts, from the JSON alone.
 
 Everything in the report comes from one pytest-benchmark JSON written by this harness: the machine
-(``machine_info``), its limits measured at the start of that run and the skipped cases (``minilib``), and
-each benchmark's times (``stats``) and roofline bookkeeping (``extra_info``). The only numbers not from the
-JSON are the lesson's published ladder and an earlier measurement on the project's 2-core machine, shown as
-references beside this run's.
+(``machine_info``), its limits and the skipped cases (``minilib``), and each benchmark's times (``stats``) and
+roofline bookkeeping (``extra_info``). The only other numbers are the references in ``reference.json`` beside
+this file (the lesson's published ladder, an earlier run on the project's 2-core machine), shown beside this
+run's own. Tables are tabulate's GitHub Markdown; what is ours is the roofline and the ladder.
 """
 
 from __future__ import annotations
@@ -13,30 +13,22 @@ import argparse
 import json
 import sys
 from collections import defaultdict
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from tabulate import tabulate
 
-# Lesson 01's %timeit results for 5x784 @ 784x10 (the notebook's machine), in seconds.
-LESSON_LADDER = {
-    "loops": 835e-3,
-    "elementwise": 1.39e-3,
-    "broadcast": 254e-6,
-    "einsum": 57.2e-6,
-    "torch": 18.2e-6,
-}
-# The same ladder measured earlier on this project's 2-core machine (torch 2.13), in seconds.
-EARLIER_2CORE = {
-    "loops": 590e-3,
-    "elementwise": 0.68e-3,
-    "broadcast": 85e-6,
-    "einsum": 25e-6,
-    "torch": 9.3e-6,
-}
-LADDER_ORDER = tuple(LESSON_LADDER)
+from minilib.matmul import MATMULS
+
+REFERENCE = Path(__file__).with_name("reference.json")
+LADDER_ORDER = tuple(MATMULS)  # the lesson's order: loops, elementwise, broadcast, einsum, torch
 LOSS_ORDER = ("naive", "sum_log", "logsumexp", "cross_entropy", "F.cross_entropy", "fused_cross_entropy")
+
+
+def load_reference(path: Path | None = None) -> dict[str, Any]:
+    """The reference times (default: reference.json beside this file), read when a report is written."""
+    return json.loads(Path(path or REFERENCE).read_text())
 
 
 def fmt_time(s: float | None) -> str:
@@ -72,11 +64,9 @@ def fmt_frac(x: float | None) -> str:
     return f"{100 * x:.3g}%"
 
 
-def table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> list[str]:
-    header = list(header)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines + [""]
+def table(header, rows) -> list[str]:
+    """A GitHub Markdown table; cells are kept as written (no number parsing), then a blank line."""
+    return [tabulate(rows, headers=list(header), tablefmt="github", disable_numparse=True), ""]
 
 
 class Run:
@@ -149,109 +139,74 @@ def machine_section(data: dict[str, Any]) -> list[str]:
             )
         )
     lines = ["## Machine", ""] + table(("", ""), rows)
-    runs = [Run(b) for b in data.get("benchmarks", [])]
-    limit_rows, exceeded = [], False
+    limit_rows = []
     for device, lim in meta.get("limits", {}).items():
-        method = lim.get("method", {})
-        for dtype, peak in lim.get("peak_gflops", {}).items():
-            seen = max(
-                (r["gflops"] or 0 for r in runs if (r["device"], r["dtype"]) == (device, dtype)), default=0
-            )
-            exceeded |= seen > peak
+        measured, source, how = lim.get("measured", lim), lim.get("source", {}), lim.get("method", {})
+        for dtype, used in lim.get("peak_gflops", {}).items():
+            was, why = measured["peak_gflops"][dtype], source.get(f"peak {dtype}", "measured")
             limit_rows.append(
                 (
                     device,
                     f"peak {dtype} matmul",
-                    f"{peak:.1f} GFLOP/s",
-                    _seen(seen, "GFLOP/s"),
-                    method.get("peak_gflops", ""),
+                    f"{used:.1f} GFLOP/s",
+                    f"{was:.1f}",
+                    why,
+                    how.get("peak_gflops"),
                 )
             )
-        bandwidth = lim["bandwidth_gbps"]
-        # Only traffic well beyond the caches can be held against the memory bandwidth.
-        big = [r for r in runs if r["device"] == device and (r["bytes"] or 0) >= 64 * 2**20]
-        seen = max((r["gbps"] or 0 for r in big), default=0)
-        exceeded |= seen > bandwidth
+        used, was, why = (
+            lim["bandwidth_gbps"],
+            measured["bandwidth_gbps"],
+            source.get("bandwidth", "measured"),
+        )
         kind = "read" if device == "cpu" else "copy"
         limit_rows.append(
-            (
-                device,
-                f"{kind} bandwidth",
-                f"{bandwidth:.1f} GB/s",
-                _seen(seen, "GB/s"),
-                method.get("bandwidth_gbps", ""),
-            )
+            (device, f"{kind} bandwidth", f"{used:.1f} GB/s", f"{was:.1f}", why, how.get("bandwidth_gbps"))
         )
-    lines += ["### Limits, measured at the start of this run", ""]
-    header = ("device", "limit", "measured", "best a benchmark reached", "how")
+    lines += ["### Limits", ""]
+    header = (
+        "device",
+        "limit",
+        "used",
+        "measured at the start (same unit)",
+        "used is",
+        "how it was measured",
+    )
     lines += table(header, limit_rows) if limit_rows else ["(none measured)", ""]
     lines += [
-        "Each benchmark's `fraction_of_limit` is its roofline floor, max(flops / peak, bytes / bandwidth), "
-        "divided by its measured time: 100% would mean the kernel runs at the machine's limit.",
+        "Each limit used is the larger of the value measured at the start of the run and the best that any "
+        "benchmark of the run reached (`used is` says which): a limit measured in a busy moment comes out "
+        "low, and a limit a benchmark beats is no limit. Each benchmark's `fraction_of_limit` is its "
+        "roofline floor, max(flops / peak, bytes / bandwidth), divided by its measured time, so it is at "
+        "most 100%.",
         "",
     ]
-    if exceeded:
-        lines += [
-            "**Note:** some benchmark ran faster than a limit measured at the start, so the machine was "
-            "busier (or not yet at full clock) when the limits were measured; fractions above 100% come from "
-            "that. Rerun on a quiet machine for trustworthy fractions.",
-            "",
-        ]
     return lines
 
 
-def _seen(value: float, unit: str) -> str:
-    return f"{value:.3g} {unit}" if value else "-"
-
-
-def ladder_section(data: dict[str, Any]) -> list[str]:
+def ladder_section(data: dict[str, Any], reference: dict[str, Any]) -> list[str]:
     runs = _runs(data, "matmul", "ladder")
     if not runs:
         return []
+    refs = list(reference["ladder"].values())
     lines = ["## Matmul: the lesson's ladder", ""]
     for (device, dtype, shape), group in sorted(_by(runs, "device", "dtype", "shape").items()):
         by_kernel = {r["kernel"]: r for r in group}
-        lines += [f"### {shape}, {device} {dtype}", ""]
-        rows, prev, prev_lesson, prev_earlier = [], None, None, None
-        loops = by_kernel.get("loops")
-        for kernel in LADDER_ORDER:
+        columns = [("this run", {k: r.time for k, r in by_kernel.items()})]
+        columns += [(ref["label"], ref["seconds"]) for ref in refs]
+        rows = []
+        for i, kernel in enumerate(LADDER_ORDER):
+            row = [kernel]
+            for _, times in columns:
+                now, before = times.get(kernel), times.get(LADDER_ORDER[i - 1]) if i else None
+                row += [fmt_time(now), fmt_ratio(before / now) if (now and before) else "-"]
             r = by_kernel.get(kernel)
-            lesson, earlier = LESSON_LADDER[kernel], EARLIER_2CORE[kernel]
-            t = r.time if r else None
-            rows.append(
-                (
-                    kernel,
-                    fmt_time(t),
-                    fmt_ratio(prev / t) if (t and prev) else "-",
-                    fmt_ratio(loops.time / t) if (t and loops) else "-",
-                    fmt_time(lesson),
-                    fmt_ratio(prev_lesson / lesson) if prev_lesson else "-",
-                    fmt_time(earlier),
-                    fmt_ratio(prev_earlier / earlier) if prev_earlier else "-",
-                    fmt_frac(r["fraction_of_limit"]) if r else "-",
-                )
-            )
-            prev = t if t else None
-            prev_lesson, prev_earlier = lesson, earlier
-        lines += table(
-            (
-                "step",
-                "this run",
-                "speed-up over previous step",
-                "over loops",
-                "lesson (published)",
-                "lesson's speed-up",
-                "earlier 2-core run",
-                "its speed-up",
-                "fraction of limit",
-            ),
-            rows,
-        )
-    lines += [
-        "The lesson's times are its notebook's %timeit output at the same sizes; the earlier 2-core run is "
-        "this project's measurement with torch 2.13 (both at 5x784 @ 784x10).",
-        "",
-    ]
+            rows.append(row + [fmt_frac(r["fraction_of_limit"]) if r else "-"])
+        header = ["step"]
+        for label, _ in columns:
+            header += [label, "speed-up over the previous step" if label == "this run" else "its speed-up"]
+        lines += [f"### {shape}, {device} {dtype}", ""] + table(header + ["fraction of limit"], rows)
+    lines += [f"{ref['label']}: {ref['about']} ({reference['ladder_shape']})." for ref in refs] + [""]
     return lines
 
 
@@ -355,13 +310,13 @@ def skipped_section(data: dict[str, Any]) -> list[str]:
 # Charts.
 
 
-def ladder_chart(data: dict[str, Any], path: Path) -> Path | None:
+def ladder_chart(data: dict[str, Any], reference: dict[str, Any], path: Path) -> Path | None:
     runs = _runs(data, "matmul", "ladder")
     if not runs:
         return None
     fig = Figure(figsize=(8, 4.5))
     ax = fig.add_subplot()
-    series = [("lesson (published)", LESSON_LADDER), ("earlier 2-core run", EARLIER_2CORE)]
+    series = [(ref["label"], ref["seconds"]) for ref in reference["ladder"].values()]
     for (device, dtype, shape), group in sorted(_by(runs, "device", "dtype", "shape").items()):
         series.append((f"this run: {device} {dtype} {shape}", {r["kernel"]: r.time for r in group}))
     width = 0.8 / len(series)
@@ -458,7 +413,12 @@ def loss_chart(data: dict[str, Any], path: Path) -> Path | None:
 
 
 def render(
-    data: dict[str, Any], charts: list[Path], json_name: str, wall_s: float | None, command: str | None
+    data: dict[str, Any],
+    reference: dict[str, Any],
+    charts: list[Path],
+    json_name: str,
+    wall_s: float | None,
+    command: str | None,
 ) -> str:
     meta = data.get("minilib", {})
     n_runs = len(data.get("benchmarks", []))
@@ -477,7 +437,7 @@ def render(
         "checked against a float64 PyTorch reference in the same run before it was timed.",
         "",
     ]
-    body = machine_section(data) + ladder_section(data)
+    body = machine_section(data) + ladder_section(data, reference)
     body += matmul_table_section(data, "wide", "Matmul: the whole training set through the 784x10 layer")
     body += matmul_table_section(data, "square", "Matmul: square sizes")
     body += loss_section(data)
@@ -492,19 +452,20 @@ def write_report(
 ) -> list[Path]:
     """Write bench-report.md and the charts into `out_dir` from `json_path`; return the paths written."""
     data = json.loads(Path(json_path).read_text())
+    reference = load_reference()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     charts = [
         p
         for p in (
-            ladder_chart(data, out_dir / "ladder.png"),
+            ladder_chart(data, reference, out_dir / "ladder.png"),
             matmul_chart(data, out_dir / "matmul_throughput.png"),
             loss_chart(data, out_dir / "cross_entropy_throughput.png"),
         )
         if p is not None
     ]
     md = out_dir / "bench-report.md"
-    md.write_text(render(data, charts, Path(json_path).name, wall_s, command))
+    md.write_text(render(data, reference, charts, Path(json_path).name, wall_s, command))
     return [md, *charts]
 
 

@@ -83,19 +83,59 @@ def _fake_json() -> dict:
     }
 
 
+def _row(md: str, first_cell: str) -> list[str]:
+    """The cells of the first Markdown table row whose first cell is ``first_cell``."""
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no table row starts with {first_cell!r} in:\n{md}")
+
+
 def test_report_is_generated_from_the_json_with_ladder_loss_tables_and_charts(tmp_path):
     """The report shows this JSON's times beside the lesson's, its loss table, its limits, and its charts."""
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(_fake_json()))
     written = report.write_report(path, tmp_path)
     md = (tmp_path / "bench-report.md").read_text()
-    assert "| loops | 500 ms |" in md, md  # this run's time, from the JSON
-    assert "835 ms" in md and "590 ms" in md  # the lesson's and the earlier 2-core run's, beside it
-    assert "| elementwise | 500 us | 1,000x |" in md, md  # each step's speed-up over the previous one
-    assert "| F.cross_entropy | 1 ms | 2 | 16% | 3.81 MiB (2x logits) |" in md, md
-    assert "50.0 GFLOP/s" in md and "12.5 GB/s" in md
+    # this run's time, from the JSON, then the lesson's and the earlier 2-core run's (reference.json)
+    assert _row(md, "loops")[:6] == ["loops", "500 ms", "-", "835 ms", "-", "590 ms"], md
+    assert _row(md, "elementwise")[:3] == [
+        "elementwise",
+        "500 us",
+        "1,000x",
+    ]  # speed-up over the previous step
+    assert _row(md, "F.cross_entropy")[:5] == ["F.cross_entropy", "1 ms", "2", "16%", "3.81 MiB (2x logits)"]
+    assert _row(md, "cpu")[:5] == ["cpu", "peak float32 matmul", "50.0 GFLOP/s", "50.0", "measured"]
+    assert "12.5 GB/s" in md
     assert "GPU timings are still to be taken" in md
     assert "no CUDA" in md
     charts = [p for p in written if p.suffix == ".png"]
     assert {p.name for p in charts} == {"ladder.png", "cross_entropy_throughput.png"}
     assert all(p.stat().st_size > 1000 for p in charts)
+
+
+def test_reference_times_are_read_from_reference_json_at_run_time(tmp_path, monkeypatch):
+    """The lesson's published times are data, not code: change the file and the report follows."""
+    reference = report.load_reference()
+    reference["ladder"]["lesson"]["seconds"]["loops"] = 0.123
+    (tmp_path / "reference.json").write_text(json.dumps(reference))
+    monkeypatch.setattr(report, "REFERENCE", tmp_path / "reference.json")
+    (tmp_path / "bench.json").write_text(json.dumps(_fake_json()))
+    report.write_report(tmp_path / "bench.json", tmp_path)
+    assert _row((tmp_path / "bench-report.md").read_text(), "loops")[3] == "123 ms"
+
+
+def test_the_limits_table_says_when_a_case_beat_the_measured_limit(tmp_path):
+    """A run whose fastest matmul beat the peak measured at its start: the report shows the limit used
+    (the case's), the measured one beside it, and which case set it (see harness.settle_limits)."""
+    data = _fake_json()
+    data["minilib"]["limits"]["cpu"].update(
+        peak_gflops={"float32": 152.0},
+        measured={"peak_gflops": {"float32": 83.0}, "bandwidth_gbps": 12.5},
+        source={"peak float32": "best case: test_matmul_square[1024]", "bandwidth": "measured"},
+    )
+    (tmp_path / "bench.json").write_text(json.dumps(data))
+    report.write_report(tmp_path / "bench.json", tmp_path)
+    row = _row((tmp_path / "bench-report.md").read_text(), "cpu")
+    assert row[2:5] == ["152.0 GFLOP/s", "83.0", "best case: test_matmul_square[1024]"]

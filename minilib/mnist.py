@@ -1,10 +1,18 @@
 """Lesson 02's data: MNIST, found on disk or downloaded, and never returned unless verified.
 
-Files are looked for in ``path``, else ``$MINILIB_DATA``, else ``~/.cache/minilib``. A file's bytes are
-read once, checked against the published md5 (and sha256 where known) and only then parsed, from those
-same bytes: nothing can change between the check and the use. A missing file is downloaded over HTTPS
-into a temporary file in the same folder and renamed into place (``os.replace``, atomic on one
-filesystem) only once it is whole and verified; a failed or interrupted download leaves nothing behind.
+Files are looked for in ``path``, else ``$MINILIB_DATA``, else ``~/.cache/minilib``. Only a regular file is
+read: a FIFO, a device or a directory under a data file's name is refused before it is opened (a FIFO
+would block the read forever, ``/dev/zero`` would fill the memory). Never more than one byte past the
+published size is read, and the bytes are checked against the published size, md5 and sha256 before they
+are parsed, from those same bytes: nothing can change between the check and the use.
+
+A missing IDX file is downloaded by pooch (the fetcher of scipy and scikit-image) from the mirrors below,
+over HTTPS only, each network wait bounded by a timeout. pooch streams it into a temporary file and moves
+it to its name only once its hash matches; it does so in a staging folder (``.download`` inside the data
+folder) from which the verified file is renamed into place. So a data file's name never holds a partial
+download: an error or Ctrl-C deletes the temporary file, and a process killed outright (SIGKILL, SIGTERM)
+can only leave one inside ``.download``, which the next download deletes once nobody has written to it
+for ten minutes.
 
 The course's ``mnist.pkl.gz`` (deeplearning.net's, 50,000/10,000/10,000) is accepted for the full
 split. A pickle can run any code while it loads, so it is unpickled only after its md5 matches, and
@@ -15,16 +23,17 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import http.client
 import io
 import os
 import pickle
+import stat
 import struct
-import tempfile
+import sys
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.request import urlopen  # looked up at call time, so tests can stand in a fake network
+from urllib.parse import urljoin
 
 import numpy as np
 import torch
@@ -33,6 +42,7 @@ __all__ = [
     "get_data",
     "data_dir",
     "MNIST_FILES",
+    "MIRRORS",
     "ChecksumError",
     "RestrictedUnpickler",
     "read_idx",
@@ -43,65 +53,49 @@ __all__ = [
 ENV_VAR = "MINILIB_DATA"
 DEFAULT_DIR = Path("~/.cache/minilib")
 TIMEOUT_ENV_VAR = "MINILIB_DOWNLOAD_TIMEOUT"
-DEFAULT_TIMEOUT_S = 10.0  # per socket operation; an unreachable host costs at most this per mirror
+DEFAULT_TIMEOUT_S = 10.0  # per connect or read; an unreachable host costs at most this per mirror
+STAGING = ".download"  # where pooch writes, inside the data folder
+STALE_AFTER_S = 600.0  # a temporary file nobody has written to for this long belongs to no live download
+UNPUBLISHED_SIZE_LIMIT = 64 * 2**20  # files without a published size (the 16 MB pickle) are read up to this
 
 
 @dataclass(frozen=True)
 class RemoteFile:
-    """One published file: its name, size and checksums, and the HTTPS addresses it can be fetched from."""
+    """One published file: its name, size and checksums, and whether minilib downloads it."""
 
     name: str
     size: int | None  # None: not published reliably, so only the checksums decide
     md5: str
     sha256: str | None
-    urls: tuple[str, ...]
+    downloadable: bool = True
 
 
-# Mirrors of the canonical files (yann.lecun.com no longer serves them reliably): the first is the one
-# torchvision uses, the second TensorFlow's. Sizes and sums as published with the MNIST database.
-_MIRRORS = (
+# The mirrors of the canonical files (yann.lecun.com no longer serves them reliably), tried in order:
+# torchvision's, then TensorFlow's. A file's address is the mirror followed by its name.
+MIRRORS: tuple[str, ...] = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 )
 
-
-def _idx(name: str, size: int, md5: str, sha256: str) -> RemoteFile:
-    return RemoteFile(name, size, md5, sha256, tuple(m + name for m in _MIRRORS))
-
-
-MNIST_FILES: dict[str, RemoteFile] = {
-    f.name: f
-    for f in (
-        _idx(
-            "train-images-idx3-ubyte.gz",
-            9912422,
-            "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-            "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-        ),
-        _idx(
-            "train-labels-idx1-ubyte.gz",
-            28881,
-            "d53e105ee54ea40749a09fcbcd1e9432",
-            "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-        ),
-        _idx(
-            "t10k-images-idx3-ubyte.gz",
-            1648877,
-            "9fb629c4189551a2d022fa330f9573f3",
-            "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-        ),
-        _idx(
-            "t10k-labels-idx1-ubyte.gz",
-            4542,
-            "ec29112dd5afa0611ce80d1b7f02629c",
-            "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-        ),
-        # The course's pickle (deeplearning.net/data/mnist/mnist.pkl.gz). Its md5 is the one every
-        # loader of that file checks; no sha256 or size was published with it (one loader expects
-        # 16,168,813 bytes; not relied on). Read when on disk, never downloaded.
-        RemoteFile("mnist.pkl.gz", None, "a02cd19f81d51c426d7ca14024243ce9", None, ()),
-    )
-}
+# Sizes and sums as published with the MNIST database. The course's pickle (deeplearning.net/data/mnist/
+# mnist.pkl.gz) comes with the md5 every loader of it checks and no reliable size or sha256; it is read
+# when on disk and never downloaded.
+# fmt: off
+MNIST_FILES: dict[str, RemoteFile] = {f.name: f for f in (
+    #          name                          bytes      md5
+    #                                                   sha256
+    RemoteFile("train-images-idx3-ubyte.gz", 9_912_422, "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+               "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+    RemoteFile("train-labels-idx1-ubyte.gz", 28_881,    "d53e105ee54ea40749a09fcbcd1e9432",
+               "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+    RemoteFile("t10k-images-idx3-ubyte.gz",  1_648_877, "9fb629c4189551a2d022fa330f9573f3",
+               "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+    RemoteFile("t10k-labels-idx1-ubyte.gz",  4_542,     "ec29112dd5afa0611ce80d1b7f02629c",
+               "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+    RemoteFile("mnist.pkl.gz",               None,      "a02cd19f81d51c426d7ca14024243ce9",
+               None, downloadable=False),
+)}
+# fmt: on
 
 
 class ChecksumError(ValueError):
@@ -118,6 +112,9 @@ def data_dir(path: str | os.PathLike | None = None) -> Path:
     return Path(env).expanduser() if env else DEFAULT_DIR.expanduser()
 
 
+# ---------------------------------------------------------------------------------------- reading
+
+
 def _mismatch(data: bytes, spec: RemoteFile) -> str | None:
     """Why ``data`` is not ``spec``'s published file, or None when size, md5 and sha256 all match."""
     if spec.size is not None and len(data) != spec.size:
@@ -132,9 +129,34 @@ def _mismatch(data: bytes, spec: RemoteFile) -> str | None:
     return None
 
 
+# What a file is, by the first letter of stat.filemode (a socket and the rest: "not a regular file").
+_KINDS = {"d": "a directory", "p": "a FIFO", "c": "a character device", "b": "a block device"}
+
+
+def _refuse_unless_regular(mode: int, file: Path) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = _KINDS.get(stat.filemode(mode)[0], "not a regular file")
+    raise ValueError(
+        f"MNIST file {file.name} in {file.parent} is {kind}, not a regular file, so it was not read. "
+        f"Put the file itself there, or point {ENV_VAR} at a folder that has it."
+    )
+
+
+def _read_bounded(file: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of ``file``, which must be a regular file (links to one are followed)."""
+    _refuse_unless_regular(os.stat(file).st_mode, file)  # before opening: opening a FIFO blocks
+    # O_NONBLOCK: were a FIFO swapped in after the stat, opening it still returns at once; fstat refuses it.
+    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+    with open(fd, "rb") as f:
+        _refuse_unless_regular(os.fstat(fd).st_mode, file)
+        return f.read(limit)
+
+
 def _read_verified(file: Path, spec: RemoteFile) -> bytes:
     """The bytes of ``file``, once they match ``spec``; ChecksumError naming the folder and file if not."""
-    data = file.read_bytes()
+    # One byte past the published size is enough to know the file is wrong; never read more.
+    data = _read_bounded(file, (spec.size if spec.size is not None else UNPUBLISHED_SIZE_LIMIT) + 1)
     why = _mismatch(data, spec)
     if why is not None:
         raise ChecksumError(
@@ -143,6 +165,9 @@ def _read_verified(file: Path, spec: RemoteFile) -> bytes:
             f"downloaded again, or point {ENV_VAR} at a folder with the right file."
         )
     return data
+
+
+# ------------------------------------------------------------------------------------- downloading
 
 
 def _timeout() -> float:
@@ -158,74 +183,104 @@ def _timeout() -> float:
     return value
 
 
-def _fetch_bytes(url: str, spec: RemoteFile, out, timeout: float) -> None:
-    """Stream ``url`` into ``out``; refuse anything but HTTPS, and never read past the published size."""
+def _https_only(response, *args, **kwargs) -> None:
+    """A requests hook, called for every response, redirects included: never go (or stay) off HTTPS."""
+    import requests
+
+    where = response.headers.get("location") if response.is_redirect else None
+    url = urljoin(response.url, where) if where else response.url
     if not url.startswith("https://"):
-        raise OSError(f"refusing a non-HTTPS address: {url}")
-    with urlopen(url, timeout=timeout) as response:
-        final = response.geturl() if hasattr(response, "geturl") else url
-        if final and not final.startswith("https://"):
-            raise OSError(f"redirected to a non-HTTPS address: {final}")
-        # One byte past the published size is enough to know the file is wrong; never read more.
-        limit = spec.size + 1 if spec.size is not None else None
-        written = 0
-        while chunk := response.read(1 << 20 if limit is None else min(1 << 20, limit - written)):
-            out.write(chunk)
-            written += len(chunk)
-            if limit is not None and written >= limit:
-                break
+        raise requests.exceptions.InvalidURL(f"refusing a non-HTTPS address: {url}")
 
 
-class _Unwritable(Exception):
-    """No temporary file can be made in the folder (kept apart from the download errors it would join)."""
+class _Capped:
+    """A file that takes at most ``limit`` bytes: a server that sends more (or never stops) is cut off."""
+
+    def __init__(self, out, limit: int | None) -> None:
+        self.out, self.limit, self.written = out, limit, 0
+
+    def write(self, chunk: bytes) -> None:
+        self.written += len(chunk)
+        if self.limit is not None and self.written > self.limit:
+            raise ValueError(f"the server sent more than the {self.limit} bytes published")
+        self.out.write(chunk)
+
+    def flush(self) -> None:
+        self.out.flush()
 
 
-def _download(spec: RemoteFile, folder: Path) -> bytes:
-    """Fetch ``spec`` into ``folder`` and return its verified bytes.
+def _downloader(spec: RemoteFile, timeout: float):
+    """pooch's HTTPS downloader, with what pooch leaves to its caller: HTTPS only, at most the file's size."""
+    import pooch
 
-    Each mirror streams into a fresh temporary file next to the destination; only bytes that match the
-    published checksums are renamed into place. Whatever happens (no network, a bad mirror, Ctrl-C),
-    the temporary file is removed, and so is the folder if this call created it and it is still empty.
+    http = pooch.HTTPDownloader(
+        progressbar=sys.stderr.isatty(), chunk_size=1 << 16, timeout=timeout, hooks={"response": _https_only}
+    )
+
+    def download(url: str, output_file: str, pooch_instance) -> None:
+        with open(output_file, "wb") as out:
+            http(url, _Capped(out, spec.size), pooch_instance)
+
+    return download
+
+
+def _remove_stale(staging: Path) -> None:
+    """Delete the temporary files of downloads that were killed (nobody has written to them for a while)."""
+    for tmp in staging.iterdir():
+        try:
+            if time.time() - tmp.lstat().st_mtime > STALE_AFTER_S:
+                tmp.unlink()
+        except OSError:  # gone already (another process cleaned it), or not ours to delete (a folder)
+            pass
+
+
+def _download(spec: RemoteFile, folder: Path) -> None:
+    """Fetch ``spec`` into ``folder``, verified; FileNotFoundError naming the folder, the file and why not.
+
+    Mirrors are tried in order, each once. Whatever happens, the staging folder is removed if empty, and so
+    is ``folder`` if this call created it and it is still empty.
     """
-    dest = folder / spec.name
-    if not spec.urls:
+    if not spec.downloadable:
         raise FileNotFoundError(
             f"MNIST file {spec.name} is not in {folder}, and minilib does not download it. "
             f"Put the file there, or point {ENV_VAR} at a folder that has it."
         )
+    import pooch  # imported here, not with minilib: it brings requests, a tenth of a second to import
+    import requests
+
     timeout = _timeout()
     created = not folder.exists()
+    staging = folder / STAGING
     errors: list[str] = []
     try:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise _Unwritable(e) from e
-        for url in spec.urls:
+        staging.mkdir(parents=True, exist_ok=True)
+        _remove_stale(staging)
+        for url in (mirror + spec.name for mirror in MIRRORS):
             try:
-                fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{spec.name}.", suffix=".part")
-            except OSError as e:  # permissions, a read-only filesystem, a full disk: no use downloading
-                raise _Unwritable(e) from e
-            tmp = Path(tmp_name)
+                staged = pooch.retrieve(
+                    url,
+                    known_hash=f"sha256:{spec.sha256}" if spec.sha256 else f"md5:{spec.md5}",
+                    fname=spec.name,
+                    path=staging,
+                    downloader=_downloader(spec, timeout),
+                )
+            except (ValueError, requests.RequestException) as e:  # this mirror's fault: try the next
+                errors.append(f"{url}: {e}")  # (ValueError: pooch's hash check, or too many bytes)
+                continue
             try:
-                with os.fdopen(fd, "wb") as out:
-                    _fetch_bytes(url, spec, out, timeout)
-                data = tmp.read_bytes()
-                why = _mismatch(data, spec)
-                if why is not None:
-                    errors.append(f"{url}: the downloaded bytes do not match the published checksum ({why})")
-                    continue
-                os.replace(tmp, dest)  # readers see no file or the whole verified file, never a part
-                return data
-            except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
-                errors.append(f"{url}: {e}")
-            finally:
-                tmp.unlink(missing_ok=True)
-    except _Unwritable as e:
-        errors = [f"the folder is not writable ({e})"]
+                os.replace(staged, folder / spec.name)  # atomic on one filesystem: all or nothing
+            except FileNotFoundError:  # another process downloading at once moved its copy into place
+                if not (folder / spec.name).exists():
+                    raise
+            return
+    except OSError as e:  # not the network's: the folder cannot be written (permissions, a file in the way)
+        errors = [f"the folder could not be written ({e})"]
     finally:
-        if created and folder.exists() and not any(folder.iterdir()):
-            folder.rmdir()
+        for empty in (staging, folder) if created else (staging,):
+            try:
+                empty.rmdir()
+            except OSError:  # not empty, or never made
+                pass
     raise FileNotFoundError(
         f"MNIST file {spec.name} is not in {folder} and could not be downloaded: {'; '.join(errors)}. "
         f"Put the file there, or point {ENV_VAR} at a folder that has it."
@@ -236,10 +291,12 @@ def _fetch(name: str, folder: Path) -> bytes:
     """The verified bytes of MNIST file ``name`` in ``folder``, downloading it if it is missing."""
     spec = MNIST_FILES[name]
     file = folder / name
-    if not file.exists():
-        return _download(spec, folder)
+    if not file.exists():  # a FIFO or a directory exists, and is refused when read
+        _download(spec, folder)
     return _read_verified(file, spec)
 
+
+# ------------------------------------------------------------------------------------------ parsing
 
 _IDX_DTYPES = {0x08: np.uint8}
 
@@ -276,7 +333,7 @@ def parse_idx(data: bytes, where: str = "IDX data") -> np.ndarray:
 def read_idx(file: str | os.PathLike) -> np.ndarray:
     """Parse an IDX gzip file (no checksum: use `get_data` for MNIST, which verifies before parsing)."""
     file = Path(file)
-    return parse_idx(file.read_bytes(), f"MNIST file {file.name} in {file.parent}")
+    return parse_idx(_read_bounded(file, UNPUBLISHED_SIZE_LIMIT), f"MNIST file {file.name} in {file.parent}")
 
 
 def _load_idx_pair(folder: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,6 +346,9 @@ def _load_idx_pair(folder: Path, prefix: str) -> tuple[torch.Tensor, torch.Tenso
     x = torch.from_numpy(images.reshape(images.shape[0], -1).astype(np.float32) / np.float32(255.0))
     y = torch.from_numpy(labels.astype(np.int64))
     return x, y
+
+
+# ------------------------------------------------------------------------------- the course's pickle
 
 
 def _numpy_globals() -> dict[tuple[str, str], object]:
@@ -359,8 +419,9 @@ def get_data(path: str | os.PathLike | None = None, *, sample: bool = False):
     ``sample=True``: the 10,000 test images split in file order 8,000/2,000.
 
     Looked for in ``path``, else ``$MINILIB_DATA``, else ``~/.cache/minilib``; missing IDX files are
-    downloaded there. FileNotFoundError (offline, unwritable folder) or ChecksumError (a file on disk
-    is not the published one), each naming the folder, the file and ``MINILIB_DATA``.
+    downloaded there. FileNotFoundError (offline, unwritable folder), ChecksumError (a file on disk is
+    not the published one) or ValueError (not a regular file under a data file's name), each naming the
+    folder, the file and ``MINILIB_DATA``; TypeError for a ``path`` or ``sample`` of the wrong type.
     """
     if not isinstance(sample, bool):
         raise TypeError(f"get_data: sample must be a bool, got {type(sample).__name__}")

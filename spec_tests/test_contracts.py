@@ -646,6 +646,39 @@ UNTOUCHED += [
 
 # ------------------------------------------------------------------------ minilib.mnist: get_data
 
+
+def _get_data_with_a_directory_for_a_file():
+    """get_data on a folder where ``t10k-images-idx3-ubyte.gz`` is a directory (imports stay in this
+    section, so that sections merge cleanly)."""
+    import os
+    import tempfile
+
+    from minilib.mnist import get_data
+
+    with tempfile.TemporaryDirectory() as folder:
+        os.mkdir(os.path.join(folder, "t10k-images-idx3-ubyte.gz"))
+        get_data(folder, sample=True)
+
+
+def _get_data_mnist():
+    from minilib.mnist import get_data
+
+    return get_data
+
+
+BAD += [
+    Bad("get_data: path an int", lambda: _get_data_mnist()(3), TypeError, r"get_data: path must be a str"),
+    Bad("get_data: sample a str", lambda: _get_data_mnist()(sample="yes"), TypeError, r"get_data: sample "),
+    Bad(
+        "get_data: a directory under a data file's name",
+        _get_data_with_a_directory_for_a_file,
+        ValueError,
+        r"t10k-images-idx3-ubyte.gz in .* is a directory.*MINILIB_DATA",
+        defect=True,
+    ),
+]
+
+
 # ------------------------------------------------------------------------ minilib.schedules
 
 _SCHEDS = {

@@ -1,32 +1,41 @@
 """Lesson 02's data, made safe: where MNIST is found, how a download is checked, what is refused.
 
 The notebook downloads ``mnist.pkl.gz`` and unpickles it. minilib reads the canonical IDX files (and
-accepts the course's pickle), but never trusts bytes it has not checked: every file must match its
-published size, md5 and sha256 before it is parsed; a download goes to a temporary file and is
-renamed into place only once verified; a pickle is unpickled only after its checksum matches, and
-then by an unpickler that admits numpy arrays alone, because loading a pickle can run any code.
-Each test below builds its own broken input (a truncated gzip, a wrong magic number, a header that
-lies, a corrupted download, a pickle that would run a command) and shows it is refused and that
-nothing ran. No test touches the network: `urlopen` is replaced by a fake that serves (or spoils)
-the real bytes from ``$MINILIB_DATA``.
+accepts the course's pickle), but never trusts bytes it has not checked: every file must be a regular
+file and match its published size, md5 and sha256 before it is parsed; a download (by pooch) goes to a
+temporary file and is renamed into place only once verified; a pickle is unpickled only after its
+checksum matches, and then by an unpickler that admits numpy arrays alone, because loading a pickle can
+run any code. Each test below builds its own broken input (a truncated gzip, a wrong magic number, a
+header that lies, a FIFO under a data file's name, a corrupted or endless download, a pickle that would
+run a command) and shows it is refused and that nothing ran. No test touches the internet: the mirrors
+are HTTPS servers on 127.0.0.1 with a certificate authority of the tests' own (trustme), serving (or
+spoiling) the real bytes from ``$MINILIB_DATA``; everything that waits is bounded.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import http.client
 import io
 import os
 import pickle
 import shlex
+import signal
+import socket
+import ssl
 import struct
-import urllib.error
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import trustme
 
 import minilib.mnist as mnist
 from minilib.mnist import (
@@ -44,16 +53,21 @@ from minilib.testing import test_eq
 pytestmark = pytest.mark.data
 
 SAMPLE_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+BOUND_S = 20.0  # the longest any test here waits for anything; a hang fails instead of stalling the suite
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on: connecting to it is refused at once, as when offline."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch):
-    """No test reaches the internet: unless a test stands in its own fake, every download fails."""
-
-    def offline(url, timeout=None):
-        raise urllib.error.URLError("network disabled in minilib's tests")
-
-    monkeypatch.setattr(mnist, "urlopen", offline)
+    """No test reaches the internet: unless a test stands in its own mirror, every download is refused."""
+    monkeypatch.setattr(mnist, "MIRRORS", (f"https://127.0.0.1:{_closed_port()}/mnist/",))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # a proxy configured on the machine must not see these
 
 
 @pytest.fixture(scope="module")
@@ -78,36 +92,24 @@ def _idx_bytes(values: np.ndarray, magic_type: int = 0x08) -> bytes:
     return gzip.compress(header + values.astype(np.uint8).tobytes())
 
 
-class FakeResponse(io.BytesIO):
-    """What `urlopen` returns: a readable body, usable as a context manager, with its final address."""
+def _within(seconds: float, fn: Callable[[], object]) -> object:
+    """``fn()``'s result (or its exception), or a test failure if it has not returned after ``seconds``."""
+    outcome: dict[str, object] = {}
 
-    def __init__(
-        self, body: bytes, url: str, fail_after: int | None = None, error: BaseException | None = None
-    ):
-        super().__init__(body)
-        self.url, self.fail_after, self.error = url, fail_after, error
+    def run():
+        try:
+            outcome["value"] = fn()
+        except BaseException as e:  # handed to the test below
+            outcome["error"] = e
 
-    def geturl(self) -> str:
-        return self.url
-
-    def read(self, n: int = -1) -> bytes:
-        if self.fail_after is not None and self.tell() >= self.fail_after:
-            raise self.error
-        if self.fail_after is not None and n > 0:
-            n = min(n, self.fail_after - self.tell())
-        return super().read(n)
-
-
-class FakeNetwork:
-    """Serves ``bodies[file name]`` for any mirror's address, and records every request."""
-
-    def __init__(self, bodies, **response_kwargs):
-        self.bodies, self.response_kwargs, self.requests = bodies, response_kwargs, []
-
-    def __call__(self, url, timeout=None):
-        self.requests.append((url, timeout))
-        body = self.bodies(url) if callable(self.bodies) else self.bodies[url.rsplit("/", 1)[-1]]
-        return FakeResponse(body, url, **self.response_kwargs)
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        pytest.fail(f"still running after {seconds} s: it hangs")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 # ------------------------------------------------------------------------------------- the sample
@@ -312,7 +314,7 @@ def test_a_pickle_that_fails_its_checksum_is_never_unpickled(monkeypatch, tmp_pa
 
 def _publish(monkeypatch, name: str, body: bytes) -> None:
     """Pretend ``body`` is the published ``name`` (its size and md5), as if the source were compromised."""
-    spec = RemoteFile(name, len(body), hashlib.md5(body).hexdigest(), None, ())
+    spec = RemoteFile(name, len(body), hashlib.md5(body).hexdigest(), None, downloadable=False)
     monkeypatch.setitem(MNIST_FILES, name, spec)
 
 
@@ -352,154 +354,349 @@ def test_a_verified_pickle_of_another_shape_is_refused(monkeypatch, tmp_path):
         get_data(tmp_path)
 
 
+# ----------------------------------------------------------------- what is not a file is never read
+
+
+def test_a_fifo_under_a_data_files_name_is_refused_without_blocking(published, tmp_path):
+    """Opening a FIFO for reading waits for a writer that never comes, so reading it would hang forever.
+    It is refused on its kind (a stat, before any open), naming the file and MINILIB_DATA."""
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(published["t10k-images-idx3-ubyte.gz"])
+    fifo = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    os.mkfifo(fifo)
+    try:
+        with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte.gz in .* is a FIFO.*MINILIB_DATA"):
+            _within(BOUND_S, lambda: get_data(tmp_path, sample=True))
+    finally:  # were a reader stuck in open(), this lets it go, so that no thread outlives the test
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader: nothing is stuck
+            pass
+
+
+def test_a_link_to_dev_zero_is_refused_before_a_byte_is_read(published, tmp_path):
+    """/dev/zero never ends: read whole, it fills the memory. The link is followed to a character device,
+    which is not a regular file, so nothing is read."""
+    (tmp_path / "t10k-images-idx3-ubyte.gz").symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte.gz in .* is a character device"):
+        _within(BOUND_S, lambda: get_data(tmp_path, sample=True))
+
+
+def test_a_directory_under_a_data_files_name_is_refused_by_name(tmp_path):
+    """A folder where the file should be: an error naming it and MINILIB_DATA, not a bare
+    IsADirectoryError."""
+    (tmp_path / "t10k-images-idx3-ubyte.gz").mkdir()
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte.gz in .* is a directory.*MINILIB_DATA"):
+        get_data(tmp_path, sample=True)
+
+
+def test_a_huge_file_is_read_only_one_byte_past_its_published_size(published, tmp_path):
+    """A 1 GiB file (sparse: it costs no disk) under a 4,542-byte name: 4,543 bytes are read, which is
+    enough to know it is not the published file."""
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(published["t10k-images-idx3-ubyte.gz"])
+    with open(tmp_path / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.truncate(2**30)
+    with pytest.raises(ChecksumError, match="4543 bytes where 4542 were published"):
+        get_data(tmp_path, sample=True)
+
+
 # ------------------------------------------------------------------------------------------ downloads
 
 
-def test_offline_fails_at_once_naming_folder_file_and_minilib_data(monkeypatch, tmp_path):
-    """No network: one attempt per mirror, each bounded by the timeout (no retries, no waiting), then
-    an error a user can act on. Nothing is left behind, not even the folder the attempt created."""
-    calls = []
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory) -> tuple[Path, ssl.SSLContext]:
+    """A certificate authority of the tests' own: its PEM bundle (for requests) and a server context for
+    127.0.0.1 signed by it, so the fake mirrors speak real HTTPS."""
+    ca = trustme.CA()
+    bundle = tmp_path_factory.mktemp("tls") / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    return bundle, context
 
-    def no_route(url, timeout=None):
-        calls.append((url, timeout))
-        raise urllib.error.URLError(OSError(-2, "Name or service not known"))
 
-    monkeypatch.setattr(mnist, "urlopen", no_route)
+Respond = Callable[[BaseHTTPRequestHandler, str], None]
+
+
+class Mirror:
+    """A web server on 127.0.0.1 (HTTPS given a context): ``respond(handler, path)`` answers each GET,
+    and ``requests`` records every path asked for."""
+
+    def __init__(self, respond: Respond, context: ssl.SSLContext | None = None):
+        self.requests: list[str] = []
+        mirror = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                mirror.requests.append(self.path)
+                try:
+                    respond(self, self.path)
+                except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+                    pass  # the client hung up, as it should when a download goes wrong
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if context is not None:
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if context is not None else "http"
+        self.base = f"{scheme}://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def serve(tls, monkeypatch):
+    """``serve(respond, mirrors=("a",))`` starts an HTTPS mirror and makes minilib use it: each name in
+    ``mirrors`` becomes one mirror address, ``https://127.0.0.1:port/<name>/``, tried in that order."""
+    bundle, context = tls
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    started: list[Mirror] = []
+
+    def start(respond: Respond, mirrors=("a",)) -> Mirror:
+        mirror = Mirror(respond, context)
+        started.append(mirror)
+        monkeypatch.setattr(mnist, "MIRRORS", tuple(f"{mirror.base}/{m}/" for m in mirrors))
+        return mirror
+
+    yield start
+    for mirror in started:
+        mirror.close()
+
+
+def _send(h: BaseHTTPRequestHandler, body: bytes, status: int = 200, length: int | None = None) -> None:
+    h.send_response(status)
+    h.send_header("Content-Length", str(len(body) if length is None else length))
+    h.end_headers()
+    h.wfile.write(body)
+
+
+def _name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
+
+
+def test_offline_fails_at_once_naming_folder_file_and_minilib_data(tmp_path):
+    """No network (every mirror refuses the connection): one attempt per mirror, no retries, no waiting,
+    then an error a user can act on. Nothing is left behind, not even the folder the attempt created."""
     folder = tmp_path / "cache" / "minilib"
     with pytest.raises(FileNotFoundError) as e:
-        get_data(folder, sample=True)
+        _within(BOUND_S, lambda: get_data(folder, sample=True))
     msg = str(e.value)
     assert "t10k-images-idx3-ubyte.gz" in msg and str(folder) in msg and "MINILIB_DATA" in msg
-    assert "Name or service not known" in msg
-    test_eq([url for url, _ in calls], list(MNIST_FILES["t10k-images-idx3-ubyte.gz"].urls))
-    assert all(url.startswith("https://") for url, _ in calls)
-    assert all(0 < timeout <= mnist.DEFAULT_TIMEOUT_S for _, timeout in calls)
+    assert "Connection refused" in msg and mnist.MIRRORS[0] in msg
     assert not folder.exists()
 
 
-def test_download_timeout_comes_from_minilib_download_timeout(monkeypatch, tmp_path):
-    """On a network that drops packets, each attempt waits at most this many seconds per operation."""
-    net = FakeNetwork(lambda url: b"")
-    monkeypatch.setattr(mnist, "urlopen", net)
-    monkeypatch.setenv("MINILIB_DOWNLOAD_TIMEOUT", "2.5")
-    with pytest.raises(FileNotFoundError):
-        get_data(tmp_path, sample=True)
-    assert {t for _, t in net.requests} == {2.5}
+def test_each_network_wait_is_bounded_by_minilib_download_timeout(serve, tmp_path, monkeypatch):
+    """A mirror that accepts the connection and then says nothing: the download gives up after
+    MINILIB_DOWNLOAD_TIMEOUT seconds instead of waiting for ever. A timeout that is not a positive
+    number is refused by name."""
+    release = threading.Event()
+    mirror = serve(lambda h, path: release.wait(BOUND_S))
+    monkeypatch.setenv("MINILIB_DOWNLOAD_TIMEOUT", "0.5")
+    try:
+        with pytest.raises(FileNotFoundError, match="timed out"):
+            _within(BOUND_S / 2, lambda: get_data(tmp_path, sample=True))
+    finally:
+        release.set()
+    assert len(mirror.requests) == 1 and _files(tmp_path) == []
     monkeypatch.setenv("MINILIB_DOWNLOAD_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="MINILIB_DOWNLOAD_TIMEOUT must be a positive number"):
         get_data(tmp_path, sample=True)
 
 
-def test_a_good_download_is_verified_and_renamed_into_place(monkeypatch, published, mnist_sample, tmp_path):
-    """The fake network serves the real bytes: both files land under their own names, match their
-    published md5, no temporary file remains, and the data equal the sample read from MINILIB_DATA."""
-    net = FakeNetwork(published)
-    monkeypatch.setattr(mnist, "urlopen", net)
+def test_a_good_download_is_verified_and_renamed_into_place(serve, published, mnist_sample, tmp_path):
+    """The mirror serves the real bytes: both files land under their own names, match their published
+    md5, no temporary file or staging folder remains, and the data equal the sample read from MINILIB_DATA."""
+    mirror = serve(lambda h, path: _send(h, published[_name(path)]))
     data = get_data(tmp_path / "new", sample=True)
     assert _files(tmp_path / "new") == sorted(SAMPLE_FILES)
     for name in SAMPLE_FILES:
         assert hashlib.md5((tmp_path / "new" / name).read_bytes()).hexdigest() == MNIST_FILES[name].md5
     for got, want in zip(data, mnist_sample, strict=True):
         test_eq(got, want)
-    assert len(net.requests) == 2  # one per file: the first mirror answered
+    assert len(mirror.requests) == 2  # one per file: the first mirror answered
     get_data(tmp_path / "new", sample=True)
-    assert len(net.requests) == 2  # and once on disk, never fetched again
+    assert len(mirror.requests) == 2  # and once on disk, never fetched again
 
 
-def test_a_corrupted_download_leaves_no_file_not_even_the_partial_one(monkeypatch, published, tmp_path):
-    """Every mirror serves a spoiled copy: the bytes fail the checksum, the temporary file is deleted,
+def test_a_corrupted_download_leaves_no_file_not_even_the_partial_one(serve, published, tmp_path):
+    """Every mirror serves a spoiled copy: the bytes fail the hash check, the temporary file is deleted,
     nothing is renamed into place, and the error says why."""
 
-    def spoiled(url):
-        body = bytearray(published[url.rsplit("/", 1)[-1]])
+    def spoiled(h, path):
+        body = bytearray(published[_name(path)])
         body[-100] ^= 0x01
-        return bytes(body)
+        _send(h, bytes(body))
 
-    monkeypatch.setattr(mnist, "urlopen", FakeNetwork(spoiled))
+    serve(spoiled, mirrors=("a", "b"))
     (tmp_path / "keep.txt").write_text("the user's own file")
-    with pytest.raises(FileNotFoundError, match="do not match the published checksum") as e:
+    with pytest.raises(FileNotFoundError, match="does not match the known hash") as e:
         get_data(tmp_path, sample=True)
     assert "t10k-images-idx3-ubyte.gz" in str(e.value) and "MINILIB_DATA" in str(e.value)
     assert _files(tmp_path) == ["keep.txt"]
 
 
-@pytest.mark.parametrize(
-    "error", [ConnectionResetError("connection reset by peer"), http.client.IncompleteRead(b"", 1000)]
-)
-def test_a_download_cut_off_midway_leaves_no_file(monkeypatch, published, tmp_path, error):
-    """The connection drops after 100 kB: the half-written temporary file is removed."""
-    monkeypatch.setattr(mnist, "urlopen", FakeNetwork(published, fail_after=100_000, error=error))
+def test_a_download_cut_off_midway_leaves_no_file(serve, published, tmp_path):
+    """The server promises the whole file and hangs up after 100 kB: the half-written temporary file is
+    removed, and nothing takes the file's name."""
+    serve(lambda h, path: _send(h, published[_name(path)][:100_000], length=len(published[_name(path)])))
     with pytest.raises(FileNotFoundError, match="could not be downloaded"):
         get_data(tmp_path, sample=True)
     assert _files(tmp_path) == []
 
 
-def test_an_interrupted_download_leaves_no_file(monkeypatch, published, tmp_path):
+def test_an_interrupted_download_leaves_no_file(serve, published, tmp_path, monkeypatch):
     """Ctrl-C in the middle of a download: the interrupt goes through, and the partial file does not stay."""
-    monkeypatch.setattr(
-        mnist, "urlopen", FakeNetwork(published, fail_after=100_000, error=KeyboardInterrupt())
-    )
+
+    class InterruptedAfter100kB(mnist._Capped):
+        def write(self, chunk):
+            if self.written >= 100_000:
+                raise KeyboardInterrupt
+            super().write(chunk)
+
+    monkeypatch.setattr(mnist, "_Capped", InterruptedAfter100kB)
+    serve(lambda h, path: _send(h, published[_name(path)]))
     with pytest.raises(KeyboardInterrupt):
         get_data(tmp_path, sample=True)
     assert _files(tmp_path) == []
 
 
-def test_a_bad_first_mirror_falls_back_to_the_next(monkeypatch, published, tmp_path):
+_KILLED_DOWNLOAD = """
+import sys
+import minilib.mnist as mnist
+mnist.MIRRORS = (sys.argv[1],)
+mnist.get_data(sys.argv[2], sample=True)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_killed_download_leaves_nothing_that_is_taken_for_data(serve, tls, published, tmp_path, sig):
+    """A download killed outright runs no clean-up. What it leaves is a temporary file in the staging
+    folder, never a file under a data file's name: the next call downloads the file again, and the next
+    download deletes the leftover once nobody has written to it for ten minutes."""
+    killed = threading.Event()
+
+    def half_then_stall(h, path):
+        body = published[_name(path)]
+        if killed.is_set():  # from then on, the mirror serves whole files
+            return _send(h, body)
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body[:200_000])
+        h.wfile.flush()
+        killed.wait(BOUND_S)  # until the client is killed (or the test gives up)
+
+    serve(half_then_stall)
+    env = dict(os.environ, REQUESTS_CA_BUNDLE=str(tls[0]), NO_PROXY="127.0.0.1")
+    cmd = [sys.executable, "-c", _KILLED_DOWNLOAD, mnist.MIRRORS[0], str(tmp_path)]
+    child = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = tmp_path / mnist.STAGING
+    try:
+        deadline = time.monotonic() + 2 * BOUND_S  # the child imports torch first
+        while not (staging.exists() and any(p.stat().st_size >= 100_000 for p in staging.iterdir())):
+            assert child.poll() is None and time.monotonic() < deadline, "the download never started"
+            time.sleep(0.05)
+        child.send_signal(sig)
+        child.wait(BOUND_S)
+    finally:
+        child.kill()
+        killed.set()
+    leftover = _files(staging)
+    assert _files(tmp_path) == [mnist.STAGING] and len(leftover) == 1
+    assert leftover[0] not in MNIST_FILES
+
+    test_eq(get_data(tmp_path, sample=True)[1][:3], torch.tensor([7, 2, 1]))
+    assert _files(staging) == leftover  # a fresh leftover is left alone: it may be a live download's
+
+    an_hour_ago = time.time() - 3600
+    os.utime(staging / leftover[0], (an_hour_ago, an_hour_ago))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()  # so that the next call downloads
+    get_data(tmp_path, sample=True)
+    assert _files(tmp_path) == sorted(SAMPLE_FILES)  # the stale leftover and the staging folder are gone
+
+
+def test_a_download_another_process_finished_first_is_not_an_error(serve, published, tmp_path, monkeypatch):
+    """Two processes fetching into one folder at once (say, test workers sharing ~/.cache/minilib): when
+    the other one has already moved the verified file into place, this one finds nothing left to move,
+    and reads the file that is there."""
+    real_replace = os.replace
+
+    def the_other_was_faster(src, dst):
+        real_replace(src, dst)  # the other process's copy lands...
+        raise FileNotFoundError(2, "No such file or directory", str(src))  # ...and ours is gone
+
+    monkeypatch.setattr(mnist.os, "replace", the_other_was_faster)
+    serve(lambda h, path: _send(h, published[_name(path)]))
+    test_eq(get_data(tmp_path, sample=True)[1][:3], torch.tensor([7, 2, 1]))
+    assert _files(tmp_path) == sorted(SAMPLE_FILES)
+
+
+def test_a_bad_first_mirror_falls_back_to_the_next(serve, published, tmp_path):
     """Mirrors are tried in order; a wrong answer from the first is discarded, the second's is kept."""
 
-    def first_mirror_lies(url):
-        name = url.rsplit("/", 1)[-1]
-        return b"<html>moved</html>" if url == MNIST_FILES[name].urls[0] else published[name]
+    def first_mirror_lies(h, path):
+        _send(h, b"<html>moved</html>" if path.startswith("/a/") else published[_name(path)])
 
-    net = FakeNetwork(first_mirror_lies)
-    monkeypatch.setattr(mnist, "urlopen", net)
+    mirror = serve(first_mirror_lies, mirrors=("a", "b"))
     test_eq(get_data(tmp_path, sample=True)[1][:3], torch.tensor([7, 2, 1]))
-    assert len(net.requests) == 4 and _files(tmp_path) == sorted(SAMPLE_FILES)
+    assert len(mirror.requests) == 4 and _files(tmp_path) == sorted(SAMPLE_FILES)
 
 
-def test_a_download_is_never_read_past_its_published_size(monkeypatch, published, tmp_path):
-    """A server that sends too much (or never stops) is cut off one byte past the published size."""
-    endless = published["t10k-labels-idx1-ubyte.gz"] + b"\x00" * 10_000_000
-    served = []
+def test_a_download_is_never_read_past_its_published_size(serve, published, tmp_path):
+    """A server that never stops sending is cut off just past the published size: the client hangs up
+    (the server sees its connection closed long before the 100 MB it was ready to send)."""
+    hung_up = []
 
-    class Counting(FakeResponse):
-        def read(self, n=-1):
-            chunk = super().read(n)
-            served.append(len(chunk))
-            return chunk
+    def endless(h, path):
+        body = published[_name(path)]
+        h.send_response(200)
+        h.end_headers()  # no Content-Length: the body ends when the server closes, here never
+        h.wfile.write(body)
+        try:
+            for _ in range(100 * 16):
+                h.wfile.write(b"\0" * 2**16)
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            hung_up.append(path)
 
-    monkeypatch.setattr(mnist, "urlopen", lambda url, timeout=None: Counting(endless, url))
-    with pytest.raises(FileNotFoundError, match="4543 bytes where 4542 were published"):
-        mnist._download(MNIST_FILES["t10k-labels-idx1-ubyte.gz"], tmp_path)
-    assert sum(served) == 2 * 4543  # two mirrors, each read one byte past the size and no further
+    serve(endless, mirrors=("a", "b"))
+    with pytest.raises(FileNotFoundError, match="the server sent more than the 4542 bytes published"):
+        _within(BOUND_S, lambda: mnist._download(MNIST_FILES["t10k-labels-idx1-ubyte.gz"], tmp_path))
+    deadline = time.monotonic() + BOUND_S
+    while len(hung_up) < 2 and time.monotonic() < deadline:  # the server threads notice the hang-up
+        time.sleep(0.01)
+    assert len(hung_up) == 2  # both mirrors, each cut off
     assert _files(tmp_path) == []
 
 
-def test_a_redirect_away_from_https_is_refused(monkeypatch, published, tmp_path):
-    """Downloads are HTTPS only, including where a redirect ends."""
+def test_a_redirect_away_from_https_is_refused(serve, published, tmp_path):
+    """Downloads are HTTPS only, including where a redirect leads: the plain-HTTP copy is never asked for."""
+    plain = Mirror(lambda h, path: _send(h, published[_name(path)]))  # no TLS context: plain HTTP
+    try:
 
-    def downgrade(url, timeout=None):
-        return FakeResponse(published[url.rsplit("/", 1)[-1]], url.replace("https://", "http://"))
+        def downgrade(h, path):
+            h.send_response(302)
+            h.send_header("Location", f"{plain.base}{path}")
+            h.end_headers()
 
-    monkeypatch.setattr(mnist, "urlopen", downgrade)
-    with pytest.raises(FileNotFoundError, match="redirected to a non-HTTPS address"):
-        get_data(tmp_path, sample=True)
-    assert _files(tmp_path) == []
+        serve(downgrade)
+        with pytest.raises(FileNotFoundError, match="refusing a non-HTTPS address: http://"):
+            get_data(tmp_path, sample=True)
+    finally:
+        plain.close()
+    assert plain.requests == [] and _files(tmp_path) == []
 
 
-def test_an_unwritable_folder_is_reported_without_touching_the_network(monkeypatch, tmp_path):
-    """Nowhere to put the file: say so, and do not download what could not be kept. (The folder is
-    made unwritable by refusing the temporary file, since root, as in CI containers, ignores modes.)"""
-    net = FakeNetwork(lambda url: b"")
-    monkeypatch.setattr(mnist, "urlopen", net)
-
-    def denied(*args, **kwargs):
-        raise PermissionError(13, "Permission denied", str(tmp_path))
-
-    monkeypatch.setattr(mnist.tempfile, "mkstemp", denied)
-    with pytest.raises(
-        FileNotFoundError, match=r"t10k-images-idx3-ubyte.gz .*the folder is not writable"
-    ) as e:
-        get_data(tmp_path, sample=True)
+def test_an_unwritable_folder_is_reported_without_touching_the_network(serve, tmp_path):
+    """Nowhere to put the file (here the folder would have to be made inside a regular file; modes are no
+    use since root, as in CI containers, ignores them): say so, and do not download what could not be kept."""
+    mirror = serve(lambda h, path: _send(h, b""))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"t10k-images-idx3-ubyte.gz .*could not be written") as e:
+        get_data(tmp_path / "a-file" / "mnist", sample=True)
     assert "MINILIB_DATA" in str(e.value)
-    assert net.requests == []
+    assert mirror.requests == []
