@@ -235,10 +235,10 @@ class LR_Find(Callback):
     _order = 1
 
     def __init__(self, max_iter: int = 100, min_lr: float = 1e-6, max_lr: float = 10):
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"LR_Find: max_iter must be a positive int, got {max_iter!r}")
-        if not 0 < min_lr < max_lr:
-            raise ValueError(f"LR_Find: need 0 < min_lr < max_lr, got min_lr={min_lr!r}, max_lr={max_lr!r}")
+        contract.positive_int("LR_Find", max_iter=max_iter)
+        contract.finite_number("LR_Find", positive=True, min_lr=min_lr, max_lr=max_lr)
+        if not min_lr < max_lr:
+            contract.fail("LR_Find", "max_lr", f"> min_lr ({min_lr!r})", max_lr)
         self.max_iter, self.min_lr, self.max_lr = max_iter, min_lr, max_lr
         self.best_loss = math.inf
 
