@@ -61,9 +61,7 @@ def t(*shape, dtype=torch.float32):
 BAD += [
     Bad("contract.tensor: a list", lambda: contract.tensor("f", x=[1.0]), TypeError, r"f: x must be a torch"),
     Bad("contract.positive_int: a bool", lambda: contract.positive_int("f", n=True), TypeError, r"f: n "),
-    Bad(
-        "contract.finite_number: nan", lambda: contract.finite_number("f", lr=float("nan")), ValueError, r"lr"
-    ),
+    Bad("contract.finite_number: nan", lambda: contract.finite_number("f", lr=float("nan")), ValueError, r"lr"),
 ]
 
 # ------------------------------------------------------------------------ minilib.testing, minilib.matmul
