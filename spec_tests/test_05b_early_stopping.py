@@ -6,9 +6,10 @@ notebook lets any callback raise ``CancelBatchException``, ``CancelEpochExceptio
 ``all_batches``, ``fit``), fires ``after_cancel_batch`` / ``after_cancel_epoch`` /
 ``after_cancel_train``, and carries on from the level above; ``after_batch`` and ``after_fit`` run
 whatever happens (the notebook's ``finally``). Here the three levels run through one helper, as in
-fastai v2, and one table checks every exception at every event against the contract. The Runner's ``__call__`` also changed: the version
-the notebook exported, ``res = cb(name) and res`` starting from False, could never return True; the
-intent, and the fix here, is "True if any callback returned True". With cancelling in place, the LR
+fastai v2, and one table checks every exception at every event against the contract. The Runner's
+``__call__`` also changed: the version the notebook exported, ``res = cb(name) and res`` starting
+from False, could never return True; the intent, and the fix here, is "True if any callback
+returned True". With cancelling in place, the LR
 finder (``LR_Find``) is a few lines: raise the lr exponentially batch by batch, record the loss, and
 cancel training once the loss exceeds 10x the best seen (or after ``max_iter`` batches); the
 ``Recorder.plot`` of loss against lr, on a log axis, is where one reads a good learning rate.
