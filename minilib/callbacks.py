@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
+from contextlib import suppress
 
 import torch
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from minilib import contract
 from minilib.learner import Callback, CancelTrainException, listify
 
 __all__ = [
@@ -45,7 +47,7 @@ class AvgStats:
         self.metrics, self.in_train = listify(metrics), in_train
         for m in self.metrics:
             if not callable(m):
-                raise TypeError(f"AvgStats: metrics must be callables (pred, yb) -> value, got {m!r}")
+                contract.fail("AvgStats", "metrics", "callables (pred, yb) -> value", m, TypeError)
         self.reset()
 
     def reset(self) -> None:
@@ -130,14 +132,13 @@ class Recorder(Callback):
 
     def _lrs(self, pgid: int) -> list[float]:
         if not -len(self.lrs) <= pgid < len(self.lrs):
-            raise IndexError(f"Recorder: pgid {pgid} is out of range for {len(self.lrs)} param group(s)")
+            want = f"the index of one of the {len(self.lrs)} param groups"
+            contract.fail("Recorder", "pgid", want, pgid, IndexError)
         return self.lrs[pgid]
 
     @staticmethod
     def _n(losses: list, skip_last: int) -> int:
-        if isinstance(skip_last, bool) or not isinstance(skip_last, int) or skip_last < 0:
-            raise ValueError(f"Recorder: skip_last must be an int >= 0, got {skip_last!r}")
-        return max(len(losses) - skip_last, 0)
+        return max(len(losses) - contract.positive_int("Recorder", minimum=0, skip_last=skip_last), 0)
 
     def plot_lr(self, pgid: int = -1) -> Figure:
         """The lr of param group ``pgid`` against the training batch."""
@@ -174,39 +175,53 @@ class ParamScheduler(Callback):
 
     ``sched_funcs`` is one schedule for all groups, or a list/tuple with one per group (discriminative
     learning rates: e.g. one for the weights, one for the biases). A count mismatch is a ValueError.
+    ``pname`` must already be a key of the optimizer's param groups (a typo would schedule nothing),
+    and a scheduled value that is not finite, or a negative lr, stops the fit before it is set: one
+    NaN lr makes every weight NaN, a negative one makes SGD climb the loss.
     """
 
     _order = 1
 
     def __init__(self, pname: str, sched_funcs: Callable | list | tuple):
         if not isinstance(pname, str):
-            raise TypeError(f"ParamScheduler: pname must be a str such as 'lr', got {pname!r}")
+            contract.fail("ParamScheduler", "pname", "a str such as 'lr'", pname, TypeError)
         funcs = list(sched_funcs) if isinstance(sched_funcs, (list, tuple)) else [sched_funcs]
         for f in funcs:
             if not callable(f):
-                raise TypeError(f"ParamScheduler: schedules must be callables pos -> value, got {f!r}")
+                contract.fail("ParamScheduler", "sched_funcs", "callables pos -> value", f, TypeError)
         self.pname, self.sched_funcs = pname, sched_funcs
 
     def begin_fit(self):
-        n_groups = len(self.opt.param_groups)
+        groups = self.opt.param_groups
+        for pg in groups:
+            contract.one_of("ParamScheduler", "pname", self.pname, [k for k in pg if k != "params"])
         if isinstance(self.sched_funcs, (list, tuple)):
-            if len(self.sched_funcs) != n_groups:
-                raise ValueError(
-                    f"ParamScheduler: got {len(self.sched_funcs)} schedules for {n_groups} param group(s); "
-                    f"give one schedule, or exactly one per param group"
-                )
+            if len(self.sched_funcs) != len(groups):
+                got = f"{len(self.sched_funcs)} schedules for {len(groups)} param groups"
+                contract.fail("ParamScheduler", "sched_funcs", "one schedule, or one per param group", got)
             self._funcs = list(self.sched_funcs)
         else:
-            self._funcs = [self.sched_funcs] * n_groups  # not written back: the callback can fit again
+            self._funcs = [self.sched_funcs] * len(groups)  # not written back: the callback can fit again
 
     def set_param(self) -> None:
         pos = self.n_epochs / self.epochs
-        for pg, f in zip(self.opt.param_groups, self._funcs, strict=True):
-            pg[self.pname] = f(pos)
+        values = [f(pos) for f in self._funcs]
+        for i, (f, v) in enumerate(zip(self._funcs, values, strict=True)):  # all checked before any is set
+            where = f"{self.pname} from schedule {_sched_name(f)} (param group {i}) at pos {pos:.6g}"
+            for x in v if isinstance(v, tuple) else (v,):  # a tuple: Adam's betas
+                if contract.finite_number("ParamScheduler", **{where: x}) < 0 and self.pname == "lr":
+                    contract.fail("ParamScheduler", where, "a finite number >= 0", x)
+        for pg, v in zip(self.opt.param_groups, values, strict=True):
+            pg[self.pname] = v
 
     def begin_batch(self):
         if self.in_train:
             self.set_param()
+
+
+def _sched_name(f) -> str:
+    """``sched_lin(0.5, 0.1)`` for a minilib schedule (its repr), the function's name for a function."""
+    return getattr(f, "__qualname__", None) or repr(f)
 
 
 class LR_Find(Callback):
@@ -220,10 +235,10 @@ class LR_Find(Callback):
     _order = 1
 
     def __init__(self, max_iter: int = 100, min_lr: float = 1e-6, max_lr: float = 10):
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"LR_Find: max_iter must be a positive int, got {max_iter!r}")
-        if not 0 < min_lr < max_lr:
-            raise ValueError(f"LR_Find: need 0 < min_lr < max_lr, got min_lr={min_lr!r}, max_lr={max_lr!r}")
+        contract.positive_int("LR_Find", max_iter=max_iter)
+        contract.finite_number("LR_Find", positive=True, min_lr=min_lr, max_lr=max_lr)
+        if not min_lr < max_lr:
+            contract.fail("LR_Find", "max_lr", f"> min_lr ({min_lr!r})", max_lr)
         self.max_iter, self.min_lr, self.max_lr = max_iter, min_lr, max_lr
         self.best_loss = math.inf
 
@@ -254,10 +269,16 @@ class ProgressCallback(Callback):
     On a terminal: an epoch bar and a batch bar, and one summary line per epoch above them. When the
     output is not a terminal (CI logs, a file, pytest's capture): no bar, just the summary line per
     epoch, so logs stay clean. ``file`` defaults to ``sys.stdout`` as it is when the fit begins.
-    Metrics are read from an ``AvgStatsCallback`` in the same runner, if there is one.
+    Metrics are read from an ``AvgStatsCallback`` in the same runner, if there is one. The display
+    never kills a training run: once writing fails (a closed stdout, a broken pipe after ``| head``),
+    it stops displaying and the fit goes on.
     """
 
     _order = 10  # after the others: show what they computed for this batch
+    # Until begin_fit, and after a write failed: nothing to show. after_fit runs even when an earlier
+    # callback's begin_fit failed, and must not then hide that error behind an AttributeError.
+    out = mbar = pbar = None
+    tty = False
 
     def __init__(self, file=None, beta: float = 0.98):
         self.file, self.beta = file, beta
@@ -266,13 +287,29 @@ class ProgressCallback(Callback):
         avg = getattr(self.run, "avg_stats", None)  # the runner's AvgStatsCallback, if any
         return avg if isinstance(avg, AvgStatsCallback) else None
 
+    def _show(self, write, *args) -> None:
+        """Call ``write(*args)``, which writes to the output; if that fails, stop displaying for good."""
+        if self.out is None:
+            return
+        try:
+            write(*args)
+        except (OSError, ValueError):  # BrokenPipeError, "I/O operation on closed file"
+            self.out = None
+            for bar in (self.pbar, self.mbar):
+                with suppress(OSError, ValueError, AttributeError):
+                    bar.close()  # deregisters it from tqdm even though the final write fails
+            self.mbar = self.pbar = None
+
     def begin_fit(self):
         self.out = self.file if self.file is not None else sys.stdout
+        self.mbar = self.pbar = None
+        self.smooth, self.n_smooth = 0.0, 0
+        self._show(self._open)
+
+    def _open(self) -> None:
         isatty = getattr(self.out, "isatty", None)
         self.tty = bool(isatty()) if callable(isatty) else False
         self.mbar = tqdm(total=self.epochs, desc="epoch", unit="epoch", file=self.out, disable=not self.tty)
-        self.pbar = None
-        self.smooth, self.n_smooth = 0.0, 0
 
     def _new_pbar(self, desc: str, dl) -> None:
         if self.pbar is not None:
@@ -282,10 +319,10 @@ class ProgressCallback(Callback):
         )
 
     def begin_epoch(self):
-        self._new_pbar("train", self.data.train_dl)
+        self._show(self._new_pbar, "train", self.data.train_dl)
 
     def begin_validate(self):
-        self._new_pbar("valid", self.data.valid_dl)
+        self._show(self._new_pbar, "valid", self.data.valid_dl)
 
     def after_batch(self):
         if self.in_train:
@@ -302,6 +339,9 @@ class ProgressCallback(Callback):
             s = stats.train_stats if self.in_train else stats.valid_stats
             for name, v in zip(s.names[1:], s.avg_stats[1:], strict=True):
                 postfix[name] = f"{v:.4f}"
+        self._show(self._advance, postfix)
+
+    def _advance(self, postfix: dict) -> None:
         self.pbar.set_postfix(postfix, refresh=False)
         self.pbar.update(1)
 
@@ -319,7 +359,9 @@ class ProgressCallback(Callback):
         return "  ".join(parts)
 
     def after_epoch(self):
-        line = self.epoch_line()
+        self._show(self._print, self.epoch_line())
+
+    def _print(self, line: str) -> None:
         if self.tty:
             self.mbar.write(line, file=self.out)
             self.mbar.update(1)
@@ -327,10 +369,14 @@ class ProgressCallback(Callback):
             print(line, file=self.out, flush=True)
 
     def after_fit(self):
-        if self.pbar is not None:
-            self.pbar.close()
-            self.pbar = None
-        self.mbar.close()
+        self._show(self._close)
+        self.out = None
+
+    def _close(self) -> None:
+        for bar in (self.pbar, self.mbar):
+            if bar is not None:
+                bar.close()
+        self.mbar = self.pbar = None
 
 
 class DeviceCallback(Callback):

@@ -1,21 +1,28 @@
 """Lessons 04 (04_callbacks) and 05b (05b_early_stopping): the Learner, callbacks and the Runner.
 
-The lesson builds the training loop twice. First ``CallbackHandler``: every event returns True to
-CONTINUE, so a callback that forgets ``return True`` (Python returns None) silently stops the fit.
-Then the ``Runner``: callbacks are small classes with an ``_order``; an event returning True means
-STOP/SKIP, so Python's implicit None means "carry on"; and 05b lets any callback cancel a batch, an
-epoch or the whole fit by raising ``Cancel{Batch,Epoch,Train}Exception``, each caught at its own loop
-level (``one_batch``, ``all_batches``, ``fit``) and followed by an ``after_cancel_*`` event.
+The lesson builds the training loop twice. First ``CallbackHandler`` (``minilib.callback_handler``,
+re-exported here): every event returns True to CONTINUE, so a callback that forgets ``return True``
+(Python returns None) silently stops the fit. Then the ``Runner``: callbacks are small classes with an
+``_order``; an event returning True means STOP/SKIP, so Python's implicit None means "carry on"; and
+05b lets any callback cancel a batch, a pass over the data or the whole fit by raising
+``Cancel{Batch,Epoch,Train}Exception``. The three loop levels (``one_batch``, ``all_batches``, ``fit``)
+all run through one helper, ``Runner._with_events``, as fastai v2's Learner does: it catches the
+level's own Cancel exception, answers it with ``after_cancel_<level>``, and ends the level with its
+``after_*`` event whatever happened.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from contextlib import suppress
 from functools import partial
 
 import torch
 from torch import nn, optim
+
+from minilib import contract
+from minilib.callback_handler import CallbackHandler, HandlerCallback, fit
 
 __all__ = [
     "Learner",
@@ -56,12 +63,8 @@ def get_model(data, lr: float = 0.5, nh: int = 50) -> tuple[nn.Sequential, optim
 
     ``m`` is the number of input features of one training item, ``data.c`` the number of classes.
     """
-    if getattr(data, "c", None) is None:
-        raise ValueError("get_model: data.c (the number of classes, i.e. outputs) must be set, got None")
-    if isinstance(nh, bool) or not isinstance(nh, int) or nh < 1:
-        raise ValueError(f"get_model: nh (hidden units) must be a positive int, got {nh!r}")
-    if not lr > 0:
-        raise ValueError(f"get_model: lr must be > 0, got {lr!r}")
+    contract.positive_int("get_model", nh=nh, **{"data.c": getattr(data, "c", None)})  # c: the outputs
+    contract.finite_number("get_model", positive=True, lr=lr)
     m = data.train_ds[0][0].numel()
     model = nn.Sequential(nn.Linear(m, nh), nn.ReLU(), nn.Linear(nh, data.c))
     return model, optim.SGD(model.parameters(), lr=lr)
@@ -89,7 +92,7 @@ _camel_re2 = re.compile(r"([a-z0-9])([A-Z])")
 def camel2snake(name: str) -> str:
     """``TrainEvalCallback`` -> ``train_eval_callback``; ``AvgStats`` -> ``avg_stats``."""
     if not isinstance(name, str):
-        raise TypeError(f"camel2snake: name must be a str, got {type(name).__name__}")
+        contract.fail("camel2snake", "name", "a str", name, TypeError)
     s1 = _camel_re1.sub(r"\1_\2", name)
     return _camel_re2.sub(r"\1_\2", s1).lower()
 
@@ -130,21 +133,28 @@ EVENTS = (
 _EVENT_SET = frozenset(EVENTS)
 
 
-def _check_event(event_name, where: str) -> None:
-    if event_name not in _EVENT_SET:
-        raise ValueError(f"{where}: unknown event {event_name!r}; the events are: {', '.join(EVENTS)}")
+def _check_event(event_name, fname: str) -> None:
+    if event_name not in _EVENT_SET:  # the fast path: run() checks every event of every batch
+        contract.one_of(fname, "event_name", event_name, EVENTS)
 
 
 class CancelTrainException(Exception):
-    """Raise from any callback to end the fit; ``after_cancel_train`` then ``after_fit`` run."""
+    """Raise from any event to end the fit; ``after_cancel_train`` then ``after_fit`` run."""
 
 
 class CancelEpochException(Exception):
-    """Raise from a batch event to end the current pass over a DataLoader; ``after_cancel_epoch`` runs."""
+    """Raise from a batch event, ``begin_epoch`` or ``begin_validate`` to end the current pass over a
+    DataLoader (training or validation); ``after_cancel_epoch`` runs, then the epoch goes on."""
 
 
 class CancelBatchException(Exception):
     """Raise from a batch event to skip the rest of the batch; ``after_cancel_batch``, ``after_batch`` run."""
+
+
+#: The Runner's three loop levels, each with the exception that cancels it (answered by
+#: ``after_cancel_<level>``). A Cancel exception raised outside its level (a CancelBatchException in
+#: ``begin_epoch``: there is no batch to cancel) is an ordinary error.
+CANCELS = {"batch": CancelBatchException, "epoch": CancelEpochException, "train": CancelTrainException}
 
 
 class Callback:
@@ -228,7 +238,8 @@ class TrainEvalCallback(Callback):
 
 # Attributes the Runner itself sets during a fit: a callback named like one would be overwritten.
 _RUNNER_STATE = frozenset(
-    {"xb", "yb", "pred", "loss", "epoch", "epochs", "iters", "in_train", "n_epochs", "n_iter", "learn", "cbs"}
+    {"xb", "yb", "pred", "loss", "epoch", "epochs", "dl", "iters", "in_train", "n_epochs", "n_iter"}
+    | {"learn", "cbs"}
 )
 
 
@@ -236,42 +247,40 @@ class Runner:
     """The training loop of lesson 05b, one method per loop level: ``fit`` > ``all_batches`` > ``one_batch``.
 
     ``Runner(cbs, cb_funcs)``: ``cbs`` are callback instances, ``cb_funcs`` callables that build one
-    (``partial(ParamScheduler, 'lr', sched)``). A ``TrainEvalCallback`` is always added. Every callback
-    is reachable as ``run.<its name>`` (``run.recorder``, ``run.avg_stats``); two with the same name:
-    the later one.
+    (``Recorder``, ``partial(ParamScheduler, 'lr', sched)``). A ``TrainEvalCallback`` is always added.
+    Every callback is reachable as ``run.<its name>`` (``run.recorder``, ``run.avg_stats``); two with
+    the same name: the later one. During a fit the runner holds the loop's state for the callbacks:
+    ``learn``, ``epochs``, ``epoch``, ``dl`` (the DataLoader of the current pass) and its length
+    ``iters``, ``in_train``, ``xb``, ``yb``, ``pred``, ``loss``.
     """
 
     def __init__(self, cbs=None, cb_funcs=None):
         self.in_train = False
         cbs = list(listify(cbs))  # a copy: never append to the caller's list
         for cbf in listify(cb_funcs):
-            if not callable(cbf):
-                raise TypeError(f"Runner: cb_funcs must be callables that build a Callback, got {cbf!r}")
+            # A Callback instance is callable too (cb(event_name)), so calling it would fail obscurely.
+            if isinstance(cbf, Callback) or not callable(cbf):
+                want = "callables that build a Callback (pass the class, or put the instance in cbs)"
+                contract.fail("Runner", "cb_funcs", want, cbf, TypeError)
             cbs.append(cbf())
         if not any(isinstance(cb, TrainEvalCallback) for cb in cbs):
             cbs.insert(0, TrainEvalCallback())
         for cb in cbs:
-            self._check_callback(cb)
-            setattr(self, cb.name, cb)
+            self._add(cb)
         # Sorted once, stably: callbacks with equal _order run in the order they were given.
         self.cbs = sorted(cbs, key=lambda cb: cb._order)
 
-    def _check_callback(self, cb) -> None:
+    def _add(self, cb) -> None:
+        """Make ``cb`` reachable as ``run.<cb.name>``, once it is known to be a callback the loop can call."""
         if not isinstance(cb, Callback):
-            raise TypeError(f"Runner: callbacks must be Callback instances, got {type(cb).__name__} {cb!r}")
-        name = cb.name
-        if hasattr(type(self), name) or name in _RUNNER_STATE:
-            raise ValueError(
-                f"Runner: callback {type(cb).__name__} would be reachable as run.{name}, which the Runner "
-                f"already uses; rename the class"
-            )
-        # A misspelt event (begin_bacth) would otherwise never run, silently.
-        for attr in dir(type(cb)):
-            if attr.startswith(("begin_", "after_")) and attr not in _EVENT_SET:
-                raise ValueError(
-                    f"Runner: callback {type(cb).__name__} defines {attr}, which is not an event; "
-                    f"the events are: {', '.join(EVENTS)}"
-                )
+            contract.fail("Runner", "cbs", "Callback instances", cb, TypeError)
+        if hasattr(type(self), cb.name) or cb.name in _RUNNER_STATE:
+            want = "a name the Runner does not use itself (rename the class)"
+            contract.fail("Runner", f"{type(cb).__name__}'s name", want, f"{cb.name!r} (run.{cb.name})")
+        for attr in dir(type(cb)):  # a misspelt event (begin_bacth) would otherwise never run, silently
+            if attr.startswith(("begin_", "after_")):
+                contract.one_of("Runner", f"{type(cb).__name__}.{attr}", attr, EVENTS)
+        setattr(self, cb.name, cb)
 
     # What the callbacks read through the runner.
     @property
@@ -290,65 +299,99 @@ class Runner:
     def data(self):
         return self.learn.data
 
-    def one_batch(self, xb, yb) -> None:
-        try:
-            self.xb, self.yb = xb, yb
-            self("begin_batch")
-            self.pred = self.model(self.xb)
-            self("after_pred")
-            self.loss = self.loss_func(self.pred, self.yb)
-            self("after_loss")
-            if not self.in_train:
-                return  # validation: no backward, no step
-            self.loss.backward()
-            self("after_backward")
-            self.opt.step()
-            self("after_step")
-        except CancelBatchException:
-            self("after_cancel_batch")
-        finally:
-            # Zeroed here, not after the step: a batch cancelled after its backward must not leave its
-            # gradients to be added to the next batch's.
-            if self.in_train:
-                self.opt.zero_grad()
-            self("after_batch")
+    # --- The one helper every loop level runs through ----------------------------------------------
 
-    def all_batches(self, dl) -> None:
-        self.iters = len(dl)
+    def _with_events(self, f, level: str, after: str | None = None, final=None) -> None:
+        """Run one loop level: ``f()``, then, whatever happened in it, ``final()`` and the event ``after``.
+
+        The level's own Cancel exception (``CANCELS[level]``), raised in ``f`` or in ``after``, ends the
+        level: ``after_cancel_<level>`` answers it and it goes no further. Any other exception goes on
+        up unchanged once the level has ended (the lesson's ``finally``), so that ``after_batch`` and
+        ``after_fit`` always run; a Cancel raised while ending the level must not swallow it.
+        """
+        cancel = CANCELS[level]
         try:
-            for xb, yb in dl:
-                self.one_batch(xb, yb)
-        except CancelEpochException:
-            self("after_cancel_epoch")
+            try:
+                f()
+            except cancel:
+                self._answer(level)
+        except BaseException:
+            with suppress(cancel):
+                self._end(after, final)
+            raise
+        try:
+            self._end(after, final)
+        except cancel:
+            self._answer(level)
+
+    def _end(self, after: str | None, final) -> None:
+        if final is not None:
+            final()
+        if after is not None:
+            self(after)
+
+    def _answer(self, level: str) -> None:
+        with suppress(CANCELS[level]):  # cancelling the level again while it is being cancelled: no-op
+            self(f"after_cancel_{level}")
+
+    # --- The three levels ----------------------------------------------------------------------------
+
+    def one_batch(self, xb, yb) -> None:
+        self.xb, self.yb = xb, yb
+        self._with_events(self._batch, "batch", after="after_batch", final=self._zero_grad)
+
+    def _batch(self) -> None:
+        self("begin_batch")
+        self.pred = self.model(self.xb)
+        self("after_pred")
+        self.loss = self.loss_func(self.pred, self.yb)
+        self("after_loss")
+        if not self.in_train:
+            return  # validation: no backward, no step
+        self.loss.backward()
+        self("after_backward")
+        self.opt.step()
+        self("after_step")
+
+    def _zero_grad(self) -> None:
+        # At the end of every training batch, even a cancelled one: a batch cancelled after its backward
+        # must not leave its gradients to be added to the next batch's.
+        if self.in_train:
+            self.opt.zero_grad()
+
+    def all_batches(self, dl, begin: str = "begin_epoch") -> None:
+        """One pass over ``dl``, opened by ``begin`` (begin_epoch or begin_validate: True from it skips)."""
+        self._with_events(partial(self._batches, dl, begin), "epoch")
+
+    def _batches(self, dl, begin: str) -> None:
+        self.dl, self.iters = dl, len(dl)
+        if self(begin):
+            return
+        for xb, yb in dl:
+            self.one_batch(xb, yb)
 
     def fit(self, epochs: int, learn: Learner) -> None:
         """Train ``learn`` for ``epochs`` epochs, each a training pass then a validation pass."""
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-            raise ValueError(f"Runner.fit: epochs must be an int >= 0, got {epochs!r}")
-        for attr in ("model", "opt", "loss_func", "data"):
-            if not hasattr(learn, attr):
-                raise TypeError(
-                    f"Runner.fit: learn must be a Learner (with .{attr}), got {type(learn).__name__}"
-                )
+        contract.positive_int("Runner.fit", minimum=0, epochs=epochs)
+        if not all(hasattr(learn, a) for a in ("model", "opt", "loss_func", "data")):
+            contract.fail("Runner.fit", "learn", "a Learner (model, opt, loss_func, data)", learn, TypeError)
         self.epochs, self.learn, self.loss = epochs, learn, torch.tensor(0.0)
+        for cb in self.cbs:
+            cb.set_runner(self)
         try:
-            for cb in self.cbs:
-                cb.set_runner(self)
-            self("begin_fit")
-            for epoch in range(epochs):
-                self.epoch = epoch
-                if not self("begin_epoch"):
-                    self.all_batches(self.data.train_dl)
-                with torch.no_grad():
-                    if not self("begin_validate"):
-                        self.all_batches(self.data.valid_dl)
-                self("after_epoch")
-        except CancelTrainException:
-            self("after_cancel_train")
+            self._with_events(self._epochs, "train", after="after_fit")
         finally:
-            self("after_fit")
             self.in_train = False
         # Unlike the lesson, keep run.learn after the fit: run.model and run.opt stay readable.
+
+    def _epochs(self) -> None:
+        self("begin_fit")
+        for epoch in range(self.epochs):
+            self.epoch = epoch
+            self.all_batches(self.data.train_dl, "begin_epoch")
+            with torch.no_grad():
+                self.all_batches(self.data.valid_dl, "begin_validate")
+            self("after_epoch")
 
     def run(self, event_name: str) -> bool:
         """Call every callback's ``event_name`` method, in ``_order``; True if ANY of them returned truthy.
@@ -367,157 +410,3 @@ class Runner:
 
     def __repr__(self) -> str:
         return f"Runner(cbs=[{', '.join(type(cb).__name__ for cb in self.cbs)}])"
-
-
-# ---------------------------------------------------------------------------------------------------
-# The lesson's FIRST design (04): kept so that the spec can show why it was replaced.
-
-
-class HandlerCallback:
-    """A callback for ``CallbackHandler``: every event must return True to CONTINUE.
-
-    Subclass it and override events; forget a ``return True`` and the fit stops (the reason for the
-    Runner's opposite convention).
-    """
-
-    def begin_fit(self, learn):
-        self.learn = learn
-        return True
-
-    def after_fit(self):
-        return True
-
-    def begin_epoch(self, epoch):
-        self.epoch = epoch
-        return True
-
-    def begin_validate(self):
-        return True
-
-    def after_epoch(self):
-        return True
-
-    def begin_batch(self, xb, yb):
-        self.xb, self.yb = xb, yb
-        return True
-
-    def after_loss(self, loss):
-        self.loss = loss
-        return True
-
-    def after_backward(self):
-        return True
-
-    def after_step(self):
-        return True
-
-
-class CallbackHandler:
-    """The lesson's first design: a list of ``HandlerCallback``s; an event continues only while ALL of
-    them return True (``res = res and cb.event()``: after a falsy answer, later callbacks are not even
-    called). Setting ``learn.stop = True`` stops after the current batch."""
-
-    def __init__(self, cbs=None):
-        self.cbs = list(cbs) if cbs else []
-
-    def begin_fit(self, learn):
-        self.learn, self.in_train = learn, True
-        learn.stop = False
-        res = True
-        for cb in self.cbs:
-            res = res and cb.begin_fit(learn)
-        return res
-
-    def after_fit(self):
-        res = not self.in_train
-        for cb in self.cbs:
-            res = res and cb.after_fit()
-        return res
-
-    def begin_epoch(self, epoch):
-        self.learn.model.train()
-        self.in_train = True
-        res = True
-        for cb in self.cbs:
-            res = res and cb.begin_epoch(epoch)
-        return res
-
-    def begin_validate(self):
-        self.learn.model.eval()
-        self.in_train = False
-        res = True
-        for cb in self.cbs:
-            res = res and cb.begin_validate()
-        return res
-
-    def after_epoch(self):
-        res = True
-        for cb in self.cbs:
-            res = res and cb.after_epoch()
-        return res
-
-    def begin_batch(self, xb, yb):
-        res = True
-        for cb in self.cbs:
-            res = res and cb.begin_batch(xb, yb)
-        return res
-
-    def after_loss(self, loss):
-        res = self.in_train  # False while validating: the batch ends before backward
-        for cb in self.cbs:
-            res = res and cb.after_loss(loss)
-        return res
-
-    def after_backward(self):
-        res = True
-        for cb in self.cbs:
-            res = res and cb.after_backward()
-        return res
-
-    def after_step(self):
-        res = True
-        for cb in self.cbs:
-            res = res and cb.after_step()
-        return res
-
-    def do_stop(self):
-        try:
-            return self.learn.stop
-        finally:
-            self.learn.stop = False
-
-
-def _handler_one_batch(xb, yb, cb: CallbackHandler) -> None:
-    if not cb.begin_batch(xb, yb):
-        return
-    loss = cb.learn.loss_func(cb.learn.model(xb), yb)
-    if not cb.after_loss(loss):
-        return
-    loss.backward()
-    if cb.after_backward():
-        cb.learn.opt.step()
-    if cb.after_step():
-        cb.learn.opt.zero_grad()
-
-
-def _handler_all_batches(dl, cb: CallbackHandler) -> None:
-    for xb, yb in dl:
-        _handler_one_batch(xb, yb, cb)
-        if cb.do_stop():
-            return
-
-
-def fit(epochs: int, learn: Learner, cb: CallbackHandler) -> None:
-    """The lesson's first ``fit``: every step asks the ``CallbackHandler`` whether to go on."""
-    if not cb.begin_fit(learn):
-        return
-    for epoch in range(epochs):
-        if not cb.begin_epoch(epoch):
-            continue
-        _handler_all_batches(learn.data.train_dl, cb)
-        if cb.begin_validate():
-            with torch.no_grad():
-                _handler_all_batches(learn.data.valid_dl, cb)
-        if cb.do_stop() or not cb.after_epoch():
-            break
-    cb.after_fit()

@@ -410,6 +410,62 @@ def test_progress_callback_draws_a_bar_on_a_terminal(monkeypatch):
     assert "epoch 2/2  train: loss" in out, repr(out)
 
 
+class BrokenPipe(io.StringIO):
+    """An output whose reader has gone (``python train.py | head``): every write fails."""
+
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty, self.writes = tty, 0
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s):
+        self.writes += 1
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def closed_stdout() -> io.StringIO:
+    out = io.StringIO()
+    out.close()  # even isatty() raises ValueError now
+    return out
+
+
+@pytest.mark.parametrize(
+    "make_out",
+    [lambda: BrokenPipe(tty=False), lambda: BrokenPipe(tty=True), closed_stdout],
+    ids=["broken pipe, log", "broken pipe, terminal", "closed stdout"],
+)
+def test_a_broken_or_closed_output_stops_the_display_but_never_the_training(monkeypatch, make_out):
+    """``python train.py | head`` closes the pipe after ten lines; a daemon may run with stdout closed.
+    Either way writing fails (BrokenPipeError, or ValueError for a closed file). The progress display
+    is a convenience: it must stop displaying, after one failed write, and let the fit finish."""
+    out = make_out()
+    monkeypatch.setattr(sys, "stdout", out)
+    learn = tiny_learner()
+    before = params_copy(learn.model)
+    run = Runner([AvgStatsCallback([accuracy]), ProgressCallback()])
+    run.fit(2, learn)
+    assert run.epoch == 1 and run.avg_stats.valid_stats.count == 2, "the fit did not finish"
+    assert not same_params(before, params_copy(learn.model)), "nothing trained"
+    assert getattr(out, "writes", 1) == 1, f"{out.writes} writes: it kept writing after the first failure"
+
+
+def test_an_error_before_the_progress_bar_began_is_not_hidden_by_the_progress_bar():
+    """If a callback that runs before it fails in begin_fit, ProgressCallback.begin_fit never runs, but
+    its after_fit still does (after_fit always runs). It must then do nothing, so that the caller sees
+    the real error rather than an AttributeError about a progress bar that never existed."""
+
+    class FailsFirst(Callback):
+        _order = -1
+
+        def begin_fit(self):
+            raise RuntimeError("the real problem")
+
+    with pytest.raises(RuntimeError, match="the real problem"):
+        Runner([FailsFirst(), ProgressCallback()]).fit(1, tiny_learner())
+
+
 def test_device_callback_moves_the_model_and_every_batch():
     """DeviceCallback puts the model on the device at begin_fit and each batch at begin_batch, so one
     Runner trains anywhere. On 'cpu' it trains as usual; on PyTorch's 'meta' device (shapes without

@@ -30,7 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
 
 from minilib.callbacks import AvgStatsCallback, ParamScheduler, Recorder
 from minilib.data import DataBunch, Dataset, get_dls
-from minilib.learner import Learner, Runner, create_learner, get_model, get_model_func
+from minilib.learner import Callback, Learner, Runner, create_learner, get_model, get_model_func
 from minilib.loss import accuracy
 from minilib.schedules import (
     annealer,
@@ -281,6 +281,38 @@ def test_param_scheduler_needs_one_schedule_or_one_per_param_group():
     run = Runner([ParamScheduler("lr", [sched_no(1, 1)] * 3)])
     with pytest.raises(ValueError, match="3 schedules for 2 param group"):
         run.fit(1, Learner(model, opt, F.cross_entropy, data))
+
+
+def bad_from_half(value: float):
+    """A schedule that gives 0.1 for the first half of training and ``value`` from pos 0.5 on."""
+
+    def bad_from_half(pos):
+        return 0.1 if pos < 0.5 else value
+
+    return bad_from_half
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -0.1], ids=["nan", "inf", "negative"])
+def test_a_schedule_that_gives_a_nan_inf_or_negative_lr_stops_the_fit_before_the_step(value):
+    """One NaN lr makes every weight NaN at the next step; a negative lr makes SGD climb the loss.
+    A scheduled value that is not finite, or a negative lr, stops the fit with a ValueError that names
+    the schedule, the position and the value, and no parameter is ever updated with it: the weights
+    are those after the last good step (2 epochs of 4 batches: pos 0.5 is the fifth batch)."""
+    learn = create_learner(get_model_func(), F.cross_entropy, tiny_data(n_train=16, n_valid=4, bs=4))
+    snapshots = []
+
+    class Snapshot(Callback):
+        def after_step(self):
+            snapshots.append([p.detach().clone() for p in self.model.parameters()])
+
+    run = Runner([ParamScheduler("lr", bad_from_half(value)), Recorder(), Snapshot()])
+    with pytest.raises(ValueError, match=rf"bad_from_half.*pos 0\.5.*{value}"):
+        run.fit(2, learn)
+    assert len(snapshots) == 4, f"{len(snapshots)} steps ran, expected the 4 before pos 0.5"
+    now = list(learn.model.parameters())
+    diff = max((p - q).abs().max().item() for p, q in zip(now, snapshots[-1], strict=True))
+    assert diff == 0, f"a parameter moved after the last good step (max difference {diff})"
+    assert all(lr == 0.1 for lr in run.recorder.lrs[0]), run.recorder.lrs
 
 
 def test_recorder_plots_carry_the_recorded_data_and_show_nothing():

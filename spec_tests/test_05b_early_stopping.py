@@ -4,10 +4,12 @@ Returning True from an event can only skip what that event guards. To stop from 
 notebook lets any callback raise ``CancelBatchException``, ``CancelEpochException`` or
 ``CancelTrainException``. The Runner catches each at its own loop level (``one_batch``,
 ``all_batches``, ``fit``), fires ``after_cancel_batch`` / ``after_cancel_epoch`` /
-``after_cancel_train``, and carries on from the level above; ``after_batch`` and ``after_fit`` run in
-``finally`` blocks, so they run whatever happens. The Runner's ``__call__`` also changed: the version
-the notebook exported, ``res = cb(name) and res`` starting from False, could never return True; the
-intent, and the fix here, is "True if any callback returned True". With cancelling in place, the LR
+``after_cancel_train``, and carries on from the level above; ``after_batch`` and ``after_fit`` run
+whatever happens (the notebook's ``finally``). Here the three levels run through one helper, as in
+fastai v2, and one table checks every exception at every event against the contract. The Runner's
+``__call__`` also changed: the version the notebook exported, ``res = cb(name) and res`` starting
+from False, could never return True; the intent, and the fix here, is "True if any callback
+returned True". With cancelling in place, the LR
 finder (``LR_Find``) is a few lines: raise the lr exponentially batch by batch, record the loss, and
 cancel training once the loss exceeds 10x the best seen (or after ``max_iter`` batches); the
 ``Recorder.plot`` of loss against lr, on a log axis, is where one reads a good learning rate.
@@ -125,6 +127,128 @@ def test_cancel_train_from_begin_epoch_ends_the_fit_before_the_next_epoch():
     run.fit(5, tiny_learner())
     assert tracer.trace.count("after_epoch") == 1 and tracer.trace[-2:] == ["after_cancel_train", "after_fit"]
     assert run.n_iter == 2, f"{run.n_iter} training batches ran, expected the first epoch's 2"
+
+
+# --- Every Cancel exception at every event -----------------------------------------------------------
+
+# The uncancelled trace of the fit used below: one epoch, two training batches, one validation batch.
+FULL = ["begin_fit", "begin_epoch"] + TRAIN_BATCH * 2 + VALID + ["after_epoch", "after_fit"]
+MAIN_EVENTS = [e for e in EVENTS if not e.startswith("after_cancel_")]
+# The contract (API.md, minilib.learner): where each exception is caught, and answered.
+CAUGHT_AT = {
+    CancelBatchException: set(TRAIN_BATCH),
+    CancelEpochException: set(TRAIN_BATCH) | {"begin_epoch", "begin_validate"},
+    CancelTrainException: set(MAIN_EVENTS),
+}
+ANSWER = {
+    CancelBatchException: "after_cancel_batch",
+    CancelEpochException: "after_cancel_epoch",
+    CancelTrainException: "after_cancel_train",
+}
+
+
+def expected_trace(exc: type[Exception], event: str) -> list[str]:
+    """The contract as a trace: ``exc`` raised the first time ``event`` fires in the fit above.
+
+    The level the exception cancels stops where it is; the batch it was raised in (if any) still ends
+    with after_batch; then after_cancel_<level> answers it, and the loop goes on from the level
+    above: the next batch, the next pass (validation, or after_epoch), or after_fit. A Cancel exception
+    raised where its level is not running is an ordinary error: the loop ends and after_fit runs.
+    """
+    k = FULL.index(event)
+    done, rest = FULL[: k + 1], FULL[k + 1 :]
+    batch_end = []
+    if event in TRAIN_BATCH:  # the open batch ends with after_batch (which may be where it was raised)
+        end = rest.index("after_batch") + 1 if event != "after_batch" else 0
+        batch_end, rest = rest[end - 1 : end], rest[end:]  # the rest of the batch is skipped
+    if event not in CAUGHT_AT[exc]:
+        return done + batch_end + rest[-1:]  # ... then after_fit, unless it was after_fit that raised
+    if exc is CancelBatchException:
+        return done + ["after_cancel_batch"] + batch_end + rest
+    if exc is CancelEpochException:
+        resume = rest.index("begin_validate" if "begin_validate" in rest else "after_epoch")
+        return done + batch_end + ["after_cancel_epoch"] + rest[resume:]
+    return done + batch_end + ["after_cancel_train"] + rest[-1:]
+
+
+def first_time(exc: type[Exception], event: str) -> Callback:
+    """A callback that raises ``exc`` the first time ``event`` fires (training or not)."""
+
+    def method(self):
+        if not self.fired:
+            self.fired = True
+            raise exc()
+
+    return type("FirstTimeCallback", (Callback,), {"_order": 1, "fired": False, event: method})()
+
+
+@pytest.mark.parametrize("event", MAIN_EVENTS)
+@pytest.mark.parametrize("exc", list(CAUGHT_AT), ids=lambda e: e.__name__)
+def test_every_cancel_exception_at_every_event_does_what_the_contract_says(exc, event):
+    """All 33 cases, events x exceptions. CancelBatchException from any batch event (after_batch
+    included: it used to escape the fit), CancelEpochException from a batch event, begin_epoch or
+    begin_validate, and CancelTrainException from any event (after_fit included) are caught at their
+    level, answered by after_cancel_<level>, and never escape fit. Anywhere else a Cancel exception
+    means nothing to cancel: it reaches the caller as any error does, after after_fit."""
+    tracer, expected = Tracer(), expected_trace(exc, event)
+    run = Runner([tracer, first_time(exc, event)])
+    if event in CAUGHT_AT[exc]:
+        run.fit(1, tiny_learner())
+    else:
+        with pytest.raises(exc):
+            run.fit(1, tiny_learner())
+    assert tracer.trace == expected, f"\ngot:      {tracer.trace}\nexpected: {expected}"
+
+
+@pytest.mark.parametrize(
+    "exc, event",
+    [
+        (CancelBatchException, "after_pred"),
+        (CancelEpochException, "after_step"),
+        (CancelTrainException, "after_loss"),
+    ],
+    ids=["batch", "epoch", "train"],
+)
+def test_cancelling_again_while_answering_a_cancel_changes_nothing(exc, event):
+    """A second callback that raises the same exception from after_cancel_<level> (the level is being
+    cancelled already) is not answered a second time and does not escape: the trace is that of the
+    single cancel."""
+    tracer = Tracer()
+    Runner([tracer, first_time(exc, event), first_time(exc, ANSWER[exc])]).fit(1, tiny_learner())
+    assert tracer.trace == expected_trace(exc, event), tracer.trace
+
+
+def test_cancel_train_while_answering_a_cancelled_batch_ends_the_fit():
+    """CancelTrainException from after_cancel_batch: the batch still ends with after_batch, then the
+    fit ends with after_cancel_train and after_fit."""
+    tracer = Tracer()
+    cbs = [
+        tracer,
+        first_time(CancelBatchException, "after_pred"),
+        first_time(CancelTrainException, "after_cancel_batch"),
+    ]
+    Runner(cbs).fit(1, tiny_learner())
+    expected = FULL[:4] + ["after_cancel_batch", "after_batch", "after_cancel_train", "after_fit"]
+    assert tracer.trace == expected, tracer.trace
+
+
+def test_an_ordinary_error_reaches_the_caller_unchanged_even_if_a_callback_cancels_while_the_loop_ends():
+    """The loop ends as always (after_batch, after_fit), but a Cancel raised by those events must not
+    swallow the error in flight: the caller gets the very exception that was raised."""
+    error = ZeroDivisionError("the real problem")
+
+    class Fails(Callback):
+        def after_pred(self):
+            raise error
+
+    cbs = [
+        Fails(),
+        first_time(CancelBatchException, "after_batch"),
+        first_time(CancelTrainException, "after_fit"),
+    ]
+    with pytest.raises(ZeroDivisionError) as caught:
+        Runner(cbs).fit(1, tiny_learner())
+    assert caught.value is error
 
 
 def test_a_batch_cancelled_after_backward_takes_no_step_and_leaves_no_gradient():
