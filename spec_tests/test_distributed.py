@@ -63,7 +63,10 @@ FAIL_TIMEOUT_S = 3  # the group of the claim about a failing rank: how long a co
 def make_data(bs: int, shuffle: bool = False) -> DataBunch:
     g = torch.Generator().manual_seed(0)
     x_train, x_valid = torch.randn(N_TRAIN, N_IN, generator=g), torch.randn(N_VALID, N_IN, generator=g)
-    y_train, y_valid = torch.randint(0, C, (N_TRAIN,), generator=g), torch.randint(0, C, (N_VALID,), generator=g)
+    y_train, y_valid = (
+        torch.randint(0, C, (N_TRAIN,), generator=g),
+        torch.randint(0, C, (N_VALID,), generator=g),
+    )
     return DataBunch(
         TorchDataLoader(Dataset(x_train, y_train), batch_size=bs, shuffle=shuffle),
         TorchDataLoader(Dataset(x_valid, y_valid), batch_size=VALID_BS),
@@ -83,7 +86,10 @@ class StopAfter(Callback):
         self.only_rank = only_rank
 
     def after_step(self):
-        if self.n_iter == STOP_AT and self.only_rank in (None, dist.get_rank() if dist.is_initialized() else 0):
+        if self.n_iter == STOP_AT and self.only_rank in (
+            None,
+            dist.get_rank() if dist.is_initialized() else 0,
+        ):
             raise ValueError(f"stopped at step {STOP_AT}")
 
 
@@ -164,7 +170,11 @@ def worker(rank: int, port: int, out: Path) -> None:
         Runner([StopAfter(), DDPCallback()]).fit(EPOCHS, learn)
         res["raised"] = {"error": None}
     except ValueError as e:
-        res["raised"] = {"error": str(e), "model_is_given": learn.model is model, "params": params(learn.model)}
+        res["raised"] = {
+            "error": str(e),
+            "model_is_given": learn.model is model,
+            "params": params(learn.model),
+        }
 
     # Rank 1 alone fails at step STOP_AT and stays alive: only the group's timeout can free rank 0.
     group = dist.new_group(timeout=timedelta(seconds=FAIL_TIMEOUT_S))
@@ -274,7 +284,9 @@ def test_pytorchs_padding_sampler_counts_a_duplicate_on_an_odd_validation_set():
     7 validation samples on 2 ranks become 8, sample 0 twice. Averaged over what the ranks saw, the loss
     is not the loss of the validation set (lesson 03's wrong average, across processes)."""
     learn, _ = single_process(WORLD * BS)
-    shares = [list(DistributedSampler(range(N_VALID), num_replicas=WORLD, rank=r, shuffle=False)) for r in range(2)]
+    shares = [
+        list(DistributedSampler(range(N_VALID), num_replicas=WORLD, rank=r, shuffle=False)) for r in range(2)
+    ]
     seen = torch.tensor(shares[0] + shares[1])
     assert len(seen) == N_VALID + 1 and torch.bincount(seen).max() == 2  # one sample counted twice
     xv, yv = learn.data.valid_ds[:]
@@ -311,7 +323,9 @@ def test_every_training_sample_is_seen_once_per_epoch_across_the_ranks_in_a_new_
 
     per_epoch = [[indices(res["order"]["seen"][e]) for res in job["res"]] for e in range(EPOCHS)]
     for e, shares in enumerate(per_epoch):
-        assert all(len(s) == N_TRAIN // WORLD for s in shares), f"epoch {e}: shares {[len(s) for s in shares]}"
+        assert all(len(s) == N_TRAIN // WORLD for s in shares), (
+            f"epoch {e}: shares {[len(s) for s in shares]}"
+        )
         assert torch.equal(torch.cat(shares).sort().values, torch.arange(N_TRAIN)), f"epoch {e}: {shares}"
     first, second = torch.cat(per_epoch[0]), torch.cat(per_epoch[1])
     assert not torch.equal(first, second), "the second epoch repeated the first epoch's order"
