@@ -88,6 +88,7 @@ def _loader_spec(dl, which: str) -> tuple[int, bool, dict]:
                 f"custom batch_sampler ({type(dl.batch_sampler).__name__}), which DDPCallback cannot split"
             )
         keep = {
+            "drop_last": dl.drop_last and which == "train_dl",  # validation counts every sample
             "collate_fn": dl.collate_fn,
             "num_workers": dl.num_workers,
             "pin_memory": dl.pin_memory,
@@ -132,7 +133,7 @@ class DDPCallback(Callback):
         self._reset()
 
     def _reset(self) -> None:
-        self.ddp = None  # the DistributedDataParallel wrapper during a fit
+        self.ddp_model = None  # the DistributedDataParallel wrapper during a fit
         self.module = None  # the plain module it wraps
         self.given_data = None  # the caller's learn.data, put back after the fit
         self.train_sampler = None
@@ -154,10 +155,10 @@ class DDPCallback(Callback):
         self.module = learn.model
         device = next(self.module.parameters()).device
         # Constructing DDP broadcasts rank 0's parameters and buffers: every rank starts from the same model.
-        self.ddp = DistributedDataParallel(
+        self.ddp_model = DistributedDataParallel(
             self.module, device_ids=[device] if device.type == "cuda" else None, process_group=group
         )
-        learn.model = self.ddp
+        learn.model = self.ddp_model
         if self.rank != 0:
             self._silence()
 
@@ -194,7 +195,7 @@ class DDPCallback(Callback):
 
     def begin_epoch(self):
         self.train_sampler.set_epoch(self.epoch)
-        self.run.learn.model = self.ddp
+        self.run.learn.model = self.ddp_model
 
     def begin_validate(self):
         # Validate with the plain module: DDP's forward may broadcast buffers, a collective that ranks with

@@ -346,6 +346,7 @@ def test_only_rank_0_prints(job):
 def test_after_fit_learn_model_is_the_plain_module_holding_the_trained_weights(job):
     """DDP wraps the model only for the fit: afterwards ``learn.model`` is the very module that was given
     (not a DistributedDataParallel), with the weights DDP trained, and ``learn.data`` is the given data."""
+    assert isinstance(Runner([DDPCallback()]).ddp, DDPCallback)  # reachable as run.ddp
     ref, _ = single_process(WORLD * BS)
     for rank, res in enumerate(job["res"]):
         assert res["steps"]["model_is_given"] and res["steps"]["data_is_given"], f"rank {rank}"
