@@ -86,10 +86,8 @@ class StopAfter(Callback):
         self.only_rank = only_rank
 
     def after_step(self):
-        if self.n_iter == STOP_AT and self.only_rank in (
-            None,
-            dist.get_rank() if dist.is_initialized() else 0,
-        ):
+        here = dist.get_rank() if dist.is_initialized() else 0
+        if self.n_iter == STOP_AT and self.only_rank in (None, here):
             raise ValueError(f"stopped at step {STOP_AT}")
 
 
