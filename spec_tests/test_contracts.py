@@ -908,6 +908,47 @@ BAD += _callbacks_rows()
 
 # ------------------------------------------------------------------------ minilib.distributed
 
+
+def _ddp_fit(train_dl=None, **ddp_kwargs):
+    """Fit a tiny learner for one epoch with ``DDPCallback(**ddp_kwargs)``, in this process (no group)."""
+    # Imported here, not at the top, so that this section merges on its own.
+    from torch.utils.data import DataLoader as TorchDataLoader
+
+    from minilib.data import DataBunch, Dataset
+    from minilib.distributed import DDPCallback
+    from minilib.learner import Learner, Runner, get_model
+
+    ds = Dataset(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+    data = DataBunch(TorchDataLoader(ds, batch_size=2), TorchDataLoader(ds), c=2)
+    learn = Learner(*get_model(data, nh=4), torch.nn.functional.cross_entropy, data)
+    if train_dl is not None:
+        data.train_dl = train_dl
+    Runner([DDPCallback(**ddp_kwargs)]).fit(1, learn)
+
+
+BAD += [
+    Bad("DDPCallback: fit without init_process_group", _ddp_fit, RuntimeError, r"init_process_group"),
+    Bad(
+        "DDPCallback: seed -1",
+        lambda: _ddp_fit(seed=-1),
+        ValueError,
+        r"DDPCallback: seed must be an int >= 0",
+    ),
+    Bad("DDPCallback: seed 1.5", lambda: _ddp_fit(seed=1.5), TypeError, r"DDPCallback: seed"),
+    Bad(
+        "DDPCallback: process_group a str",
+        lambda: _ddp_fit(process_group="gloo"),
+        TypeError,
+        r"process_group",
+    ),
+    Bad(
+        "DDPCallback: train_dl a list",
+        lambda: _ddp_fit(train_dl=[(torch.ones(2, 3), torch.ones(2))]),
+        TypeError,
+        r"learn.data.train_dl must be a torch.utils.data.DataLoader",
+    ),
+]
+
 # ------------------------------------------------------------------------ the claims over both tables
 
 
