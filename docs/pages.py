@@ -290,7 +290,11 @@ def page_markdown(page: Page) -> str:
 
 
 def _pages_table(pages: list[Page], lessons: bool) -> list[str]:
-    head = "| lesson | notebook | claims | held | not held |" if lessons else "| spec | claims | held | not held |"
+    head = (
+        "| lesson | notebook | claims | held | not held |"
+        if lessons
+        else "| spec | claims | held | not held |"
+    )
     rows = [head, "| " + " | ".join("---" for _ in range(head.count("|") - 1)) + " |"]
     for p in pages:
         c = counts(p.file)
@@ -316,7 +320,9 @@ def questions_markdown(qs: list[Question], pages: list[Page]) -> str:
     for q in qs:
         md += [f"## {q.text}", ""]
         for prefix, name in q.tests:
-            hits = [(p, c) for p, c in where.get(name, []) if p.stem.startswith(prefix)] or where.get(name, [])
+            hits = [(p, c) for p, c in where.get(name, []) if p.stem.startswith(prefix)] or where.get(
+                name, []
+            )
             if not hits:
                 md.append(f"- {inline_code(name)} (not in this run's spec)")
                 continue
@@ -341,7 +347,9 @@ def bench_pages(bench_dir: Path | None, md_dir: Path) -> list[str]:
     return charts
 
 
-def index_markdown(record: dict[str, Any], pages: list[Page], qs: list[Question], charts: list[str] | None) -> str:
+def index_markdown(
+    record: dict[str, Any], pages: list[Page], qs: list[Question], charts: list[str] | None
+) -> str:
     v = record["versions"]
     versions = ", ".join(f"{k} {v[k]}" for k in v)
     md = [
@@ -369,7 +377,10 @@ def index_markdown(record: dict[str, Any], pages: list[Page], qs: list[Question]
         ]
     md += ["## Benchmarks", ""]
     if charts is None:
-        md += ["No `bench-results/` run yet: `nox -s bench` writes one, and the next `nox -s docs` shows it.", ""]
+        md += [
+            "No `bench-results/` run yet: `nox -s bench` writes one, and the next `nox -s docs` shows it.",
+            "",
+        ]
     else:
         md += ["[The benchmark report](bench/bench-report.md) of the last `nox -s bench` run.", ""]
         md += [f"![{name}](bench/{name})" for name in charts] + [""]

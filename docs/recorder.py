@@ -19,6 +19,7 @@ import hashlib
 import inspect
 import json
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -165,11 +166,9 @@ class SpecRecorder:
         import platform
 
         versions = {"python": platform.python_version()}
-        for module in ("torch", "matplotlib"):
-            try:
-                versions[module] = __import__(module).__version__
-            except ImportError:
-                pass
+        for module in ("torch", "matplotlib"):  # those the spec imported: importing torch here costs seconds
+            if module in sys.modules:
+                versions[module] = getattr(sys.modules[module], "__version__", "?")
         files = []
         for file in self.files.values():
             claims = sorted(file["claims"].values(), key=lambda c: c["lineno"])

@@ -49,10 +49,14 @@ def _pages() -> list[Path]:
 def browser():
     executable = _chromium()
     if executable is None:
-        pytest.skip("no chromium on PATH (Debian: apt-get install chromium); set MINILIB_CHROMIUM to use another")
+        pytest.skip(
+            "no chromium on PATH (Debian: apt-get install chromium); set MINILIB_CHROMIUM to use another"
+        )
     if not (SITE / "index.html").is_file():
         pytest.skip(f"no site at {SITE}: build it first with `nox -s docs` (python -m docs.build)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
+    )
     with sync_api.sync_playwright() as p:
         # --no-sandbox: chromium's sandbox needs user namespaces, which containers and CI often lack
         b = p.chromium.launch(executable_path=executable, args=["--no-sandbox"], timeout=PAGE_TIMEOUT_MS)
