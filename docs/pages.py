@@ -159,7 +159,12 @@ class Page:
 
     @property
     def nav_label(self) -> str:
-        return ", ".join(n for n in self.notebooks if not n.startswith("00_")) or self.stem
+        """The notebook's name; a second file for one notebook adds its own ("03_x: loss properties")."""
+        notebook = ", ".join(n for n in self.notebooks if not n.startswith("00_"))
+        if not notebook:
+            return self.stem
+        own = self.stem.removeprefix("test_")
+        return notebook if own.startswith(self.notebooks[-1][:2]) else f"{notebook}: {own.replace('_', ' ')}"
 
 
 def claim_status(claim: dict[str, Any]) -> str:
@@ -215,6 +220,9 @@ def _indent(text: str, by: str = "    ") -> str:
 
 
 def claim_markdown(claim: dict[str, Any], path: str) -> str:
+    """One claim: its sentence, its docstring, its cases and figures, then one box with its result in
+    this run whose folded body holds why it did not hold (open when it failed or was skipped) and
+    its source."""
     cases = claim["cases"]
     status = claim_status(claim)
     md = [f"## {sentence(claim['name'])} {{ #{anchor(claim['qualname'])} }}", ""]
@@ -222,24 +230,6 @@ def claim_markdown(claim: dict[str, Any], path: str) -> str:
         md += [rst_to_md(claim["doc"]), ""]
 
     parametrised = any(c["id"] for c in cases)
-    if parametrised:
-        held = sum(c["outcome"] in ("passed", "xfailed", "xpassed") for c in cases)
-        title = f"{status.capitalize()} in this run: {held} of {len(cases)} cases held"
-    else:
-        title = f"{status.capitalize()} in this run"
-        if cases[0]["outcome"] in ("xfailed", "xpassed"):
-            title += f" ({OUTCOME_WORD[cases[0]['outcome']]})"
-    md.append(f'!!! {STATUS_ADMONITION[status]} "{title}"')
-    messages = [(c["id"], c["message"]) for c in cases if c["message"] and c["outcome"] != "passed"]
-    if messages:
-        md.append("")
-        for case_id, message in messages[:5]:
-            label = f"{case_id}: " if case_id else ""
-            md += [_indent(f"```text\n{label}{message.strip()}\n```"), ""]
-        if len(messages) > 5:
-            md += [f"    and {len(messages) - 5} more.", ""]
-    md.append("")
-
     if parametrised:
         names = list(dict.fromkeys(k for c in cases for k in c["params"]))
         table = [
@@ -250,7 +240,7 @@ def claim_markdown(claim: dict[str, Any], path: str) -> str:
             values = " | ".join(_cell(c["params"].get(n, "")) for n in names)
             table.append(f"| {_cell(c['id'])} | {values} | {OUTCOME_WORD[c['outcome']]} |")
         if len(cases) > OPEN_CASES:
-            md += [f'??? info "The {len(cases)} cases"', "", _indent("\n".join(table)), ""]
+            md += [f'??? info "Its {len(cases)} cases"', "", _indent("\n".join(table)), ""]
         else:
             md += ["\n".join(table), ""]
 
@@ -262,10 +252,27 @@ def claim_markdown(claim: dict[str, Any], path: str) -> str:
     if figures:  # side by side where they fit (see extra.css)
         md += ['<div class="claim-figures" markdown>', "", *figures, "", "</div>", ""]
 
+    if parametrised:
+        held = sum(c["outcome"] in ("passed", "xfailed", "xpassed") for c in cases)
+        title = f"{status.capitalize()} in this run ({held} of {len(cases)} cases held)"
+    else:
+        title = f"{status.capitalize()} in this run"
+        if cases[0]["outcome"] in ("xfailed", "xpassed"):
+            title += f" ({OUTCOME_WORD[cases[0]['outcome']]})"
+    if claim["source"]:
+        title += f". Source: {path}, line {claim['lineno']}"
+    body = []
+    messages = [(c["id"], c["message"]) for c in cases if c["message"] and c["outcome"] != "passed"]
+    for case_id, message in messages[:5]:
+        label = f"{case_id}: " if case_id else ""
+        body += [f"```text\n{label}{message.strip()}\n```", ""]
+    if len(messages) > 5:
+        body += [f"and {len(messages) - 5} more.", ""]
     if claim["source"]:
         fence = "````" if "```" in claim["source"] else "```"
-        code = f"{fence}python\n{claim['source'].rstrip()}\n{fence}"
-        md += [f'??? abstract "Source: {path}, line {claim["lineno"]}"', "", _indent(code), ""]
+        body.append(f"{fence}python\n{claim['source'].rstrip()}\n{fence}")
+    fold = "???+" if status != "held" else "???"  # what went wrong is shown, the source stays folded
+    md += [f'{fold} {STATUS_ADMONITION[status]} "{title}"', "", _indent("\n".join(body)), ""]
     return "\n".join(md)
 
 
@@ -300,7 +307,7 @@ def _pages_table(pages: list[Page], lessons: bool) -> list[str]:
         c = counts(p.file)
         missing = ", ".join(f"{c[s]} {s}" for s in ("failed", "skipped") if c[s]) or "-"
         link = f"[{rst_to_md(p.title)}]({p.stem}.md)"
-        cells = [link, ", ".join(inline_code(n) for n in p.notebooks)] if lessons else [link]
+        cells = [link, ", ".join(p.notebooks)] if lessons else [link]
         cells += [str(c["claims"]), str(c["held"]), missing]
         rows.append("| " + " | ".join(cells) + " |")
     return rows

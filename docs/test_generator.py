@@ -145,7 +145,7 @@ def test_a_lesson_page_tells_the_story_then_each_claim_with_its_result(built):
         "test_a_figure_is_drawn_and_dropped",
     ]
     assert "A claim that holds for float32" in page  # as written: not "float 32"
-    assert "Held in this run: 2 of 2 cases held" in page
+    assert "Held in this run (2 of 2 cases held)" in page
     assert "one is not two" in page and "Failed in this run" in page
     assert "no data here" in page and "Skipped in this run" in page
     assert re.search(
