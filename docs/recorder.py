@@ -34,6 +34,9 @@ def _short_repr(value: Any, limit: int = 80) -> str:
     """A parameter as a reader would write it: names for functions and classes, repr otherwise."""
     name = getattr(value, "__qualname__", None) if callable(value) else None
     text = name if isinstance(name, str) else repr(value)
+    # an address means nothing to a reader and changes every run: <function f at 0x..> -> f
+    text = re.sub(r"<function ([\w.<>]+) at 0x[0-9a-f]+>", r"\1", text)
+    text = re.sub(r" (object )?at 0x[0-9a-f]+>", ">", text)
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -159,7 +162,8 @@ class SpecRecorder:
         elif report.failed:
             case["outcome"] = "failed" if report.when == "call" else "error"
             crash = getattr(report.longrepr, "reprcrash", None)
-            case["message"] = crash.message if crash is not None else report.longreprtext[-2000:]
+            message = crash.message if crash is not None else report.longreprtext
+            case["message"] = message if len(message) <= 2000 else message[:2000] + " [...]"
 
     # -- the record -----------------------------------------------------------------------------------
     def record(self) -> dict[str, Any]:

@@ -220,3 +220,11 @@ def test_the_readmes_questions_name_tests_that_exist():
             )
     guide = pages.reading_guide(readme)
     assert set(guide) <= set(defined), f"reading guide names missing files: {set(guide) - set(defined)}"
+
+
+def test_a_parameter_is_shown_without_the_addresses_that_change_every_run():
+    from docs.recorder import _short_repr
+
+    assert _short_repr(len) == "len"
+    assert re.fullmatch(r"Question\(text='q', tests=\[\]\)", _short_repr(pages.Question("q")))
+    assert "0x" not in _short_repr([lambda: 1, object()]) and len(_short_repr("a" * 500)) == 80
