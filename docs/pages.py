@@ -219,6 +219,14 @@ def _indent(text: str, by: str = "    ") -> str:
     return "\n".join(by + line if line.strip() else "" for line in text.splitlines())
 
 
+def _repeats_id(value: str, case_id: str) -> bool:
+    """Whether a parameter's repr only repeats the case's id (pytest makes ids from strings)."""
+    text = value.strip("'\"")
+    if text.endswith("..."):  # shortened by the recorder
+        return len(text) > 3 and case_id.startswith(text[:-3])
+    return text == case_id
+
+
 def claim_markdown(claim: dict[str, Any], path: str) -> str:
     """One claim: its sentence, its docstring, its cases and figures, then one box with its result in
     this run whose folded body holds why it did not hold (open when it failed or was skipped) and
@@ -232,13 +240,18 @@ def claim_markdown(claim: dict[str, Any], path: str) -> str:
     parametrised = any(c["id"] for c in cases)
     if parametrised:
         names = list(dict.fromkeys(k for c in cases for k in c["params"]))
-        table = [
-            "| case | " + " | ".join(names) + " | result |",
-            "| --- | " + " | ".join("---" for _ in names) + " | --- |",
-        ]
+        # a parameter that only repeats the case's id (ids made from strings) says nothing more
+        repeated = [n for n in names if all(_repeats_id(c["params"].get(n, ""), c["id"]) for c in cases)]
+        names = [n for n in names if n not in repeated]
+        header = [", ".join(repeated) or "case", *names, "result"]
+        table = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
         for c in cases:
-            values = " | ".join(_cell(c["params"].get(n, "")) for n in names)
-            table.append(f"| {_cell(c['id'])} | {values} | {OUTCOME_WORD[c['outcome']]} |")
+            cells = [
+                _cell(c["id"]),
+                *(_cell(c["params"].get(n, "")) for n in names),
+                OUTCOME_WORD[c["outcome"]],
+            ]
+            table.append("| " + " | ".join(cells) + " |")
         if len(cases) > OPEN_CASES:
             md += [f'??? info "Its {len(cases)} cases"', "", _indent("\n".join(table)), ""]
         else:

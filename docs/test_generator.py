@@ -42,6 +42,11 @@ def test_cases_are_grouped_under_one_claim(x, y):
     assert x < y
 
 
+@pytest.mark.parametrize("version", ["naive", "final"])
+def test_string_ids_are_not_repeated(version):
+    """The id is the parameter: one column, named after it."""
+
+
 def test_a_claim_that_fails():
     """This one does not hold."""
     assert 1 == 2, "one is not two"
@@ -140,12 +145,14 @@ def test_a_lesson_page_tells_the_story_then_each_claim_with_its_result(built):
     assert titles == [
         "test_a_claim_that_holds_for_float32",
         "test_cases_are_grouped_under_one_claim",
+        "test_string_ids_are_not_repeated",
         "test_a_claim_that_fails",
         "test_a_skipped_claim",
         "test_a_figure_is_drawn_and_dropped",
     ]
     assert "A claim that holds for float32" in page  # as written: not "float 32"
     assert "Held in this run (2 of 2 cases held)" in page
+    assert re.search(r"<th>version</th>\s*<th>result</th>", page) and "&#x27;naive&#x27;" not in page
     assert "one is not two" in page and "Failed in this run" in page
     assert "no data here" in page and "Skipped in this run" in page
     assert re.search(
