@@ -67,9 +67,21 @@ def test_a_figure_is_drawn_and_dropped():
 FAKE_BEYOND = '''
 """Checks beyond the lessons."""
 
+import pytest
+
 
 def test_something_beyond():
     """Beyond."""
+
+
+class TestAGroup:
+    def test_methods_are_claims_too(self):
+        """A method of a test class is a claim like any other."""
+
+
+@pytest.mark.xfail(reason="known to fail", strict=True)
+def test_an_expected_failure():
+    assert False
 '''
 
 FAKE_README = """
@@ -178,6 +190,17 @@ def test_a_figure_the_test_built_is_saved_and_shown(built):
     assert all(
         not c["cases"][0]["figures"] for n, c in claims.items() if n != "test_a_figure_is_drawn_and_dropped"
     )
+
+
+def test_class_methods_and_expected_failures_are_claims(built):
+    site, _, _ = built
+    page = (site / "test_zz_beyond.html").read_text()
+    assert re.findall(r'<h2 id="([^"]+)"', page) == [
+        "test_something_beyond",
+        "TestAGroup-test_methods_are_claims_too",
+        "test_an_expected_failure",
+    ]
+    assert "Held in this run (failed, as expected)" in page and "known to fail" in page
 
 
 def test_questions_link_to_the_claims_that_answer_them(built):
