@@ -1,4 +1,5 @@
-"""minilib's sessions: `nox -s tests` (the default) and `nox -s bench` are all a newcomer needs.
+"""minilib's sessions: `nox -s tests` (the default) and `nox -s bench` are all a newcomer needs;
+`nox -s docs` renders the spec as pages to read in a browser.
 
 Every environment pins torch through constraints.txt (see there why) and is reused between runs;
 arguments after `--` go straight to pytest, e.g. `nox -s tests -- -k logsumexp`.
@@ -20,7 +21,7 @@ def install(session: nox.Session, extras: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the spec tests (one file per notebook) and smoke-run the benchmarks once, untimed."""
-    install(session, "test,triton")
+    install(session, "test,triton,docs")  # docs: docs/test_generator.py builds a tiny fake site
     session.run(
         "pytest",
         "--benchmark-disable",  # benchmark files run once on tiny sizes so the harness cannot rot
@@ -64,3 +65,19 @@ def spec(session: nox.Session) -> None:
         *session.posargs,
         env={"TRITON_INTERPRET": "1"},
     )
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Run the spec once and build the lessons as a static site in site/ (open site/index.html).
+
+    One page per spec file: its story, each claim with its result in this run, its figures and its
+    source; an index with the counts and the benchmark report when bench-results/ holds one; the
+    README's learners' questions linked to their claims. Then headless Chromium (Debian's `chromium`;
+    skipped with the reason where it is missing) opens every page and saves screenshots in
+    site/_screenshots/. Arguments after `--` go to the spec's pytest run, e.g. `-- -k anneal`.
+    """
+    install(session, "test,triton,docs,docs-browser")
+    env = {"TRITON_INTERPRET": "1"}
+    session.run("python", "-m", "docs.build", "--", "--benchmark-disable", *session.posargs, env=env)
+    session.run("python", "-m", "pytest", "docs/site_check.py", "-p", "no:cacheprovider", "-q", "-rs")
