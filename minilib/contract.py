@@ -112,7 +112,8 @@ def same_dtype(fname: str, **named: torch.Tensor) -> None:
 
 
 def positive_int(fname: str, minimum: int = 1, **named: Any) -> int:
-    """Each value is an int >= ``minimum`` (a bool is not a count: True would pass for 1). Returns the last."""
+    """Each value is an int >= ``minimum`` (a bool is not a count: True would pass for 1); returns the last
+    one."""
     value = 0
     for arg, value in named.items():
         if isinstance(value, bool) or not isinstance(value, Integral):

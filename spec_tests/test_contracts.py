@@ -968,6 +968,6 @@ def test_inputs_are_not_mutated(row: Untouched):
     inputs = row.inputs()
     before = [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
     row.call(*inputs)
-    for i, (x, old) in enumerate(zip(inputs, before)):
+    for i, (x, old) in enumerate(zip(inputs, before, strict=True)):
         if isinstance(x, torch.Tensor):
             assert torch.equal(x, old), f"{row.id}: input {i} changed (max diff {(x - old).abs().max()})"
