@@ -292,6 +292,49 @@ def loss_section(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def ddp_section(data: dict[str, Any]) -> list[str]:
+    runs = sorted(_runs(data, "ddp_scaling"), key=lambda r: r["bs_global"])
+    if not runs:
+        return []
+    first = runs[0]
+    lines = [
+        "## More than one process: DDP scaling",
+        "",
+        f"Training samples per second of `examples/train_mnist.py` ({first['model']}, {first['epochs']} "
+        "epochs, start-up and validation excluded): one process against two (DistributedDataParallel over "
+        "gloo, one thread each). The limit on two cores is 2x the best one-core rate; what DDP adds is "
+        "per step (a gradient all-reduce and its hooks), so a larger batch hides more of it.",
+        "",
+    ]
+    rows = [
+        (
+            str(r["bs_global"]),
+            f"{r['samples_per_s_one_2_threads']:,.0f}",
+            f"{r['samples_per_s_one_1_thread']:,.0f}",
+            f"{r['samples_per_s_two_1_thread']:,.0f}",
+            fmt_ratio(r["scaling"]),
+            fmt_ratio(r["scaling_vs_1_thread"]) + f" of {fmt_ratio(r['limit'])}",
+            "/".join(fmt_num(v, 4) for v in r["valid_two"]),
+            fmt_num(r["load_average"], 2),
+        )
+        for r in runs
+    ]
+    lines += table(
+        (
+            "global batch",
+            "1 process, 2 threads",
+            "1 process, 1 thread",
+            "2 processes, 1 thread each",
+            "2 processes / 1 process (2 threads)",
+            "2 processes / 1 process (1 thread)",
+            "valid loss/accuracy (2 processes)",
+            "load average",
+        ),
+        rows,
+    )
+    return lines
+
+
 def skipped_section(data: dict[str, Any]) -> list[str]:
     skipped = data.get("minilib", {}).get("skipped", [])
     if not skipped:
@@ -441,6 +484,7 @@ def render(
     body += matmul_table_section(data, "wide", "Matmul: the whole training set through the 784x10 layer")
     body += matmul_table_section(data, "square", "Matmul: square sizes")
     body += loss_section(data)
+    body += ddp_section(data)
     if charts:
         body += ["## Charts", ""] + [f"![{p.stem}]({p.name})" for p in charts] + [""]
     body += skipped_section(data)

@@ -139,3 +139,33 @@ def test_the_limits_table_says_when_a_case_beat_the_measured_limit(tmp_path):
     report.write_report(tmp_path / "bench.json", tmp_path)
     row = _row((tmp_path / "bench-report.md").read_text(), "cpu")
     assert row[2:5] == ["152.0 GFLOP/s", "83.0", "best case: test_matmul_square[1024]"]
+
+
+def test_the_ddp_scaling_table_shows_both_ratios_against_the_two_core_limit(tmp_path):
+    """bench_ddp's runs become one row per global batch size: the three rates and the two ratios."""
+    data = _fake_json()
+    data["benchmarks"].append(
+        _bench(
+            "test_two_processes_against_one[512]",
+            3.0,
+            op="ddp_scaling",
+            model="784-50-10 MLP",
+            bs_global=512,
+            epochs=2,
+            samples_per_s_one_2_threads=10000.0,
+            samples_per_s_one_1_thread=8000.0,
+            samples_per_s_two_1_thread=12000.0,
+            scaling=1.2,
+            scaling_vs_1_thread=1.5,
+            limit=2.0,
+            valid_one=[0.25, 0.93],
+            valid_two=[0.25, 0.93],
+            load_average=0.5,
+        )
+    )
+    (tmp_path / "bench.json").write_text(json.dumps(data))
+    report.write_report(tmp_path / "bench.json", tmp_path)
+    md = (tmp_path / "bench-report.md").read_text()
+    assert "## More than one process: DDP scaling" in md
+    expected = ["512", "10,000", "8,000", "12,000", "1.2x", "1.5x of 2x", "0.25/0.93", "0.5"]
+    assert _row(md, "512") == expected, md
