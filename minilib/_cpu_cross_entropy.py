@@ -236,7 +236,13 @@ def cpp_loss(
 ):
     """The same as ``chunked_loss``, by the C++ kernel (CPU float32, unit column stride)."""
     out = load_extension().forward(
-        logits, target, ignore_index, label_smoothing, grad_mode if row_scale is not None else 0, 1.0, row_scale
+        logits,
+        target,
+        ignore_index,
+        label_smoothing,
+        grad_mode if row_scale is not None else 0,
+        1.0,
+        row_scale,
     )
     grad = out[3] if len(out) > 3 else (logits if grad_mode == 2 and row_scale is not None else None)
     return out[2], grad

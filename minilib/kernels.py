@@ -107,9 +107,7 @@ def _check_options(fname: str, reduction: Any, ignore_index: Any, label_smoothin
     if unsupported:
         name = next(iter(unsupported))
         what = "class weights" if name == "weight" else "an argument of this function"
-        contract.fail(
-            fname, f"{name}=", f"left out ({what}: not supported)", unsupported[name], TypeError
-        )
+        contract.fail(fname, f"{name}=", f"left out ({what}: not supported)", unsupported[name], TypeError)
     contract.one_of(fname, "reduction", reduction, REDUCTIONS)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         contract.fail(fname, "ignore_index", "an int", ignore_index, TypeError)
@@ -141,7 +139,9 @@ def _check_rows(fname: str, arg: str, x: torch.Tensor) -> None:
 # --- fused_cross_entropy ----------------------------------------------------------------------------------
 
 
-def _reduce(row_loss: torch.Tensor, n_valid: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+def _reduce(
+    row_loss: torch.Tensor, n_valid: torch.Tensor, reduction: str, dtype: torch.dtype
+) -> torch.Tensor:
     if reduction == "none":
         return row_loss.to(dtype)
     # Summed in float64: 8192 float32 terms summed naively would cost a few ulps. 0 / 0 = nan for a
@@ -181,8 +181,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
         logits, target, scale = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None  # handed over once: autograd may accumulate into it
         if torch.is_grad_enabled():  # create_graph=True: second derivatives through PyTorch's own graph
-            return _reference_grad(lambda x: F.cross_entropy(x, target, reduction=reduction,
-                                   ignore_index=ignore_index, label_smoothing=eps), logits, grad_out) + (None,) * 6  # fmt: skip
+            options = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=eps)
+            grads = _reference_grad(lambda x: F.cross_entropy(x, target, **options), [logits], grad_out)
+            return grads + (None,) * 6
         if grad is not None:  # written in the forward for grad_out = 1
             if float(grad_out) != 1.0:  # one_sweep runs on the CPU only, where this read costs nothing
                 grad.mul_(grad_out.to(grad.dtype))
@@ -192,20 +193,13 @@ class _FusedCrossEntropy(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
-def _reference_grad(loss_fn, *inputs_and_grad_out):
-    """The gradients of ``loss_fn(*inputs)`` by PyTorch's autograd with create_graph: differentiable again."""
-    *inputs, grad_out = inputs_and_grad_out
-    live = [x for x in inputs if x is not None]
+def _reference_grad(loss_fn, inputs, grad_out):
+    """The gradients of ``loss_fn(*inputs)`` by PyTorch's autograd with create_graph, so differentiable
+    again (a gradient penalty, a Hessian-vector product); None for inputs that need none."""
+    wanted = [x for x in inputs if x is not None and x.requires_grad]
     with torch.enable_grad():
-        loss = loss_fn(*inputs)
-        wants = [x.requires_grad for x in live]
-        grads = torch.autograd.grad(
-            loss, [x for x, w in zip(live, wants) if w], grad_out, create_graph=True, allow_unused=True
-        )
-    it = iter(grads)
-    out = [next(it) if w else None for w in wants]
-    it2 = iter(out)
-    return tuple(next(it2) if x is not None else None for x in inputs)
+        grads = iter(torch.autograd.grad(loss_fn(*inputs), wanted, grad_out, create_graph=True))
+    return tuple(next(grads) if x is not None and x.requires_grad else None for x in inputs)
 
 
 def fused_cross_entropy(
@@ -248,9 +242,9 @@ def fused_cross_entropy(
 
 
 def linear_chunk_rows(n: int, n_classes: int) -> int:
-    """Rows per chunk: LINEAR_CHUNK_ELEMENTS of logits, and at most an eighth of the rows (so that the buffer
-    stays under an eighth of the logits whatever N is), at least one."""
-    return max(1, min(n, LINEAR_CHUNK_ELEMENTS // max(1, n_classes), math.ceil(n / 8)))
+    """Rows per chunk: LINEAR_CHUNK_ELEMENTS of logits, and at most a sixteenth of the rows (so that the
+    buffer stays near a sixteenth of the logits whatever N is, under the eighth promised), at least one."""
+    return max(1, min(n, LINEAR_CHUNK_ELEMENTS // max(1, n_classes), math.ceil(n / 16)))
 
 
 def _linear_sweep(x, w, b, target, ignore_index, eps, row_scale, needs, kernel):
@@ -319,12 +313,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         x, w, b, target, scale = ctx.saved_tensors
         grads, ctx.grads = ctx.grads, None
         if torch.is_grad_enabled():  # create_graph=True: second derivatives through PyTorch's own graph
-            return _reference_grad(lambda x, w, b: F.cross_entropy(F.linear(x, w, b), target, reduction=reduction,
-                                   ignore_index=ignore_index, label_smoothing=eps), x, w, b, grad_out) + (None,) * 5  # fmt: skip
+            options = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=eps)
+            grads = _reference_grad(
+                lambda x, w, b: F.cross_entropy(F.linear(x, w, b), target, **options), [x, w, b], grad_out
+            )
+            return grads + (None,) * 5
         if grads is None:
             row_scale = (scale * grad_out.reshape(-1 if reduction == "none" else ())).to(torch.float32)
             needs = ctx.needs_input_grad[:3]
-            _, *grads = _linear_sweep(x, w, b, target, ignore_index, eps, row_scale.contiguous(), needs, kernel)
+            _, *grads = _linear_sweep(
+                x, w, b, target, ignore_index, eps, row_scale.contiguous(), needs, kernel
+            )
         elif grad_out.is_cuda or float(grad_out) != 1.0:  # small tensors: scaling them costs little
             grads = [g if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads]
         gx, gw, gb = grads
@@ -362,11 +361,18 @@ def fused_linear_cross_entropy(
     contract.ndim(fname, "input", input, 2, "[N, H]")
     contract.ndim(fname, "linear_weight", linear_weight, 2, "[V, H] (nn.Linear's layout)")
     if input.shape[1] != linear_weight.shape[1]:
-        contract.fail(fname, "linear_weight", f"[V, H] with H = input's {input.shape[1]} columns", linear_weight)
+        contract.fail(
+            fname, "linear_weight", f"[V, H] with H = input's {input.shape[1]} columns", linear_weight
+        )
     if linear_bias is not None:
         contract.ndim(fname, "linear_bias", linear_bias, 1, "[V]")
         if linear_bias.shape[0] != linear_weight.shape[0]:
-            contract.fail(fname, "linear_bias", f"[V] with V = linear_weight's {linear_weight.shape[0]} rows", linear_bias)
+            contract.fail(
+                fname,
+                "linear_bias",
+                f"[V] with V = linear_weight's {linear_weight.shape[0]} rows",
+                linear_bias,
+            )
     contract.same_device(fname, **named)
     contract.same_dtype(fname, **named)
     _check_rows(fname, "input", input)
@@ -377,6 +383,22 @@ def fused_linear_cross_entropy(
         input.contiguous(), linear_weight.contiguous(), linear_bias, target.contiguous(), reduction,
         ignore_index, eps, _loss_kernel(input),
     )  # fmt: skip
+
+
+def _apply_fused(kernel, logits, target, *, reduction="mean", ignore_index=-100, label_smoothing=0.0,
+                 one_sweep=False):  # fmt: skip
+    """fused_cross_entropy through a chosen row loss kernel, unchecked (the tests' way to reach each path)."""
+    return _FusedCrossEntropy.apply(
+        _unit_column_stride(logits), target, reduction, ignore_index, label_smoothing, kernel, one_sweep
+    )
+
+
+def _apply_fused_linear(kernel, input, linear_weight, target, *, linear_bias=None, reduction="mean",
+                        ignore_index=-100, label_smoothing=0.0):  # fmt: skip
+    """fused_linear_cross_entropy through a chosen row loss kernel, unchecked (for the tests)."""
+    return _FusedLinearCrossEntropy.apply(
+        input, linear_weight, linear_bias, target, reduction, ignore_index, label_smoothing, kernel
+    )
 
 
 # --- triton_matmul ----------------------------------------------------------------------------------------

@@ -226,11 +226,22 @@ inline double row_sum(const float* __restrict x, int64_t V) {
   return total;
 }
 
-// The block's max (the block is then in L1 for the pass that follows).
+// The block's max (the block is then in L1 for the pass that follows). A NaN is not carried through
+// (std::max drops it); the sum of exponentials that follows carries it instead.
 inline float block_max(const float* __restrict x, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t k = 0; k < n; ++k) m = std::max(m, x[k]);
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 m0 = _mm256_set1_ps(m), m1 = m0, m2 = m0, m3 = m0;
+  for (; j + 32 <= n; j += 32) {
+    m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + j));
+    m1 = _mm256_max_ps(m1, _mm256_loadu_ps(x + j + 8));
+    m2 = _mm256_max_ps(m2, _mm256_loadu_ps(x + j + 16));
+    m3 = _mm256_max_ps(m3, _mm256_loadu_ps(x + j + 24));
+  }
+  m = hmax8(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+#endif
+  for (; j < n; ++j) m = std::max(m, x[j]);
   return m;
 }
 
@@ -263,8 +274,12 @@ inline float block_exp_store(const float* x, float* e, int64_t n, float shift) {
 
 // e[k] = e[k] * c - d over a block (the second, in-cache pass that turns exp(x - shift) into the gradient).
 inline void block_scale(float* __restrict e, int64_t n, float c, float d) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) e[k] = e[k] * c - d;
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 vc = _mm256_set1_ps(c), vd = _mm256_set1_ps(d);
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(e + j, _mm256_fmsub_ps(_mm256_loadu_ps(e + j), vc, vd));
+#endif
+  for (; j < n; ++j) e[j] = e[j] * c - d;
 }
 
 // One row, loss and gradient together ("forward and backward in one sweep"): the row is read from memory
