@@ -133,7 +133,7 @@ def _check_target(fname: str, target: Any, n: int, n_classes: int, scores: str, 
 
 def _check_rows(fname: str, arg: str, x: torch.Tensor) -> None:
     if x.shape[0] == 0:
-        contract.fail(fname, arg, "at least one row (a mean over no rows is nan)", x)
+        contract.fail(fname, arg, "a batch of at least one row (a mean over no rows is nan)", x)
 
 
 # --- fused_cross_entropy ----------------------------------------------------------------------------------

@@ -6,16 +6,26 @@ read one number per row back. Per row, the loss needs just two numbers: logsumex
 ``minilib.kernels.fused_cross_entropy`` reads each row once, keeping a running max and a running
 sum of exponentials (the online softmax), so it moves N x V numbers once instead of three or four
 times and allocates no N x V temporary. Its backward needs three numbers per row and writes the
-gradient, softmax - onehot, in one sweep. On the CPU it is a C++ kernel built on first use (with a
-chunked torch fallback); on CUDA, Triton kernels, which these tests run in Triton's interpreter
-(``TRITON_INTERPRET=1``) when there is no GPU. Last, 01_matmul's triple loop, tiled: Triton's
-matmul with grouped tile order, checked against torch in the interpreter on small shapes.
+gradient, softmax - onehot, in one sweep; when the logits need a gradient it writes it in the forward's
+own sweep, while each row is in cache, so a training step reads the logits once and writes the gradient
+once. It takes F.cross_entropy's keywords (``reduction``, ``ignore_index`` for padding tokens,
+``label_smoothing``), and its second derivatives are PyTorch's own. On the CPU it is a C++ kernel built
+on first use (with a chunked torch fallback); on CUDA, Triton kernels, which these tests run in
+Triton's interpreter (``TRITON_INTERPRET=1``) when there is no GPU.
+
+Then lesson 01's matmul and lesson 03's loss together: a language model's last layer writes [N, V]
+logits (x @ W.T) only for the loss to read them. ``fused_linear_cross_entropy`` never holds them: a
+chunk of rows goes through the matmul into one reused buffer, the fused loss turns it into its
+gradient in place, and two more matmuls give that chunk's share of the input's and the weight's
+gradients. Last, 01_matmul's triple loop, tiled: Triton's matmul with grouped tile order, checked
+against torch in the interpreter on small shapes.
 Everything is compared with ``F.cross_entropy``/``torch.matmul``, in float64 where precision is
 not the point; speed is the benchmarks' job (benchmarks/), not these tests'.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -27,7 +37,7 @@ from hypothesis import strategies as st
 
 from minilib import _cpu_cross_entropy as cpu_ce
 from minilib import kernels
-from minilib.kernels import fused_cross_entropy, triton_matmul
+from minilib.kernels import fused_cross_entropy, fused_linear_cross_entropy, triton_matmul
 from minilib.loss import cross_entropy as lesson_cross_entropy
 from minilib.testing import test_near
 
@@ -41,27 +51,46 @@ except ImportError:
 CUDA = torch.cuda.is_available()
 
 
-def reference(logits, target, grad_out=1.0):
+def reference(logits, target, grad_out=1.0, **options):
     """F.cross_entropy in float64 and its gradient: the yardstick for every path."""
     x = logits.detach().double().requires_grad_()
-    loss = F.cross_entropy(x, target)
-    (loss * grad_out).backward()
+    loss = F.cross_entropy(x, target, **options)
+    (loss * grad_out).sum().backward()
     return loss.detach(), x.grad
 
 
-def fused_with_grad(logits, target, fn=fused_cross_entropy, grad_out=1.0):
+def fused_with_grad(logits, target, fn=fused_cross_entropy, grad_out=1.0, **options):
     x = logits.detach().clone().requires_grad_()
-    loss = fn(x, target)
-    (loss * grad_out).backward()
+    loss = fn(x, target, **options)
+    (loss * grad_out).sum().backward()
     return loss.detach(), x.grad
 
 
-def assert_matches_reference(logits, target, fn=fused_cross_entropy, grad_out=1.0):
-    loss, grad = fused_with_grad(logits, target, fn, grad_out)
-    ref_loss, ref_grad = reference(logits, target, grad_out)
+def assert_matches_reference(logits, target, fn=fused_cross_entropy, grad_out=1.0, **options):
+    loss, grad = fused_with_grad(logits, target, fn, grad_out, **options)
+    ref_loss, ref_grad = reference(logits, target, grad_out, **options)
     assert loss.dtype == logits.dtype and grad.dtype == logits.dtype and grad.shape == logits.shape
     test_near(loss.double(), ref_loss)
     test_near(grad.double(), ref_grad)
+
+
+def by_kernel(kernel, one_sweep=False):
+    """fused_cross_entropy through one chosen path (C++, chunked torch, Triton), keywords and all."""
+    return functools.partial(kernels._apply_fused, kernel, one_sweep=one_sweep)
+
+
+CPU_PATHS = {
+    "cpp, one sweep": lambda: by_kernel(cpu_ce.cpp_loss, one_sweep=True),
+    "cpp, two sweeps": lambda: by_kernel(cpu_ce.cpp_loss),
+    "chunked torch, one sweep": lambda: by_kernel(cpu_ce.chunked_loss, one_sweep=True),
+    "chunked torch, two sweeps": lambda: by_kernel(cpu_ce.chunked_loss),
+}
+
+
+def cpu_path(name):
+    if name.startswith("cpp") and cpu_ce.load_extension() is None:
+        pytest.skip(f"the C++ kernel could not be built here: {kernels.cpu_backend()}")
+    return CPU_PATHS[name]()
 
 
 def logits_and_target(n, v, scale=1.0, dtype=torch.float32):
@@ -206,29 +235,145 @@ def test_result_keeps_dtype_and_bfloat16_is_within_bfloat16_tolerance():
         (
             torch.tensor([0, 7, 1]),
             IndexError,
-            "target holds class 7 at position 1, but input has only 5 classes",
+            "target holds class 7 at position 1, but logits has only 5 classes",
         ),
         (torch.tensor([0, -1, 1]), IndexError, "target holds class -1"),
         (torch.tensor([0, 1, 1], dtype=torch.int32), ValueError, "target must be int64"),
-        (torch.tensor([0, 1]), ValueError, "target must be 1-D with one class per row"),
+        (torch.tensor([0, 1]), ValueError, "target must be 1-D with one class per row of logits"),
     ],
 )
 def test_bad_targets_fail_like_the_lessons_loss(target, error, match):
-    """Bad targets get the loss module's errors, named after this function, before any kernel runs:
-    a class outside [0, V) would otherwise read outside the row."""
+    """Bad targets get the contract's errors, named after this function and its arguments, before any
+    kernel runs: a class outside [0, V) would otherwise read outside the row."""
     with pytest.raises(error, match=match) as info:
         fused_cross_entropy(torch.randn(3, 5), target)
     assert "fused_cross_entropy" in str(info.value)
 
 
 def test_bad_logits_fail_early():
-    """Integer scores, a 1-D input or a list are rejected with the function's name and what was expected."""
-    with pytest.raises(ValueError, match="fused_cross_entropy: input must be a floating-point tensor"):
+    """Integer scores, a 1-D input or a list are rejected with the function's name, the argument's own
+    name (``logits``, as the signature spells it) and what was expected."""
+    with pytest.raises(ValueError, match="fused_cross_entropy: logits must be a floating-point tensor"):
         fused_cross_entropy(torch.ones(3, 5, dtype=torch.int64), torch.tensor([0, 1, 2]))
-    with pytest.raises(TypeError, match="fused_cross_entropy: input must be a torch.Tensor"):
+    with pytest.raises(TypeError, match="fused_cross_entropy: logits must be a torch.Tensor"):
         fused_cross_entropy([[0.5, 0.5]], torch.tensor([0]))
-    with pytest.raises(ValueError, match=r"fused_cross_entropy: input must be 2-D \[N, C\]"):
+    with pytest.raises(ValueError, match=r"fused_cross_entropy: logits must be 2-D \[N, V\]"):
         fused_cross_entropy(torch.randn(5), torch.tensor([0]))
+
+
+# --- F.cross_entropy's keywords: what a language model's training needs ---------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    path=st.sampled_from(list(CPU_PATHS)),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    ignore_index=st.sampled_from([-100, 0, 3]),
+    label_smoothing=st.sampled_from([0.0, 0.1, 1.0]),
+    n=st.integers(1, 9),
+    v=st.integers(4, 3000),
+    seed=st.integers(0, 2**16),
+)
+def test_keywords_match_f_cross_entropy_on_every_cpu_path(
+    path, reduction, ignore_index, label_smoothing, n, v, seed
+):
+    """reduction, ignore_index (padding tokens) and label_smoothing mean what they mean in F.cross_entropy,
+    on the C++ kernel and the torch fallback, in one sweep (gradient written by the forward) and in two
+    (written by the backward): the loss and the gradient, under a grad_out that is not 1 (a scalar for
+    'mean'/'sum', a vector for 'none'), match float64 F.cross_entropy."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, v, generator=g) * 3
+    y = torch.randint(0, v, (n,), generator=g)
+    y[torch.rand(n, generator=g) < 0.3] = ignore_index  # some rows are padding
+    grad_out = torch.rand(n, generator=g) + 0.5 if reduction == "none" else 2.5
+    options = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    assert_matches_reference(x, y, fn=cpu_path(path), grad_out=grad_out, **options)
+
+
+def test_padding_rows_contribute_nothing_and_the_mean_is_over_the_rest():
+    """Targets equal to ignore_index (-100, PyTorch's padding default) add nothing to the loss or the
+    gradient: their 'none' losses and their gradient rows are exactly 0, and 'mean' divides by the
+    number of rows that are not padding."""
+    x, y = logits_and_target(6, 50)
+    y[[1, 4]] = -100
+    per_row, grad = fused_with_grad(x, y, reduction="none")
+    assert per_row[1] == 0 and per_row[4] == 0 and not grad[[1, 4]].any()
+    mean = fused_cross_entropy(x, y)
+    test_near(mean, per_row.sum() / 4)
+    assert_matches_reference(x, y)
+
+
+def test_all_targets_ignored_gives_nan_loss_and_zero_gradient_as_pytorch():
+    """A batch of nothing but padding: 'mean' is 0 / 0, a nan loss, with an all-zero gradient, exactly
+    what F.cross_entropy gives; 'sum' is 0."""
+    x = torch.randn(3, 10, requires_grad=True)
+    y = torch.full((3,), -100)
+    loss = fused_cross_entropy(x, y)
+    loss.backward()
+    ref = F.cross_entropy(x.detach(), y)
+    assert torch.isnan(loss) and torch.isnan(ref)
+    assert torch.equal(x.grad, torch.zeros(3, 10))
+    assert fused_cross_entropy(x, y, reduction="sum").item() == 0.0
+
+
+def test_the_gradient_is_written_in_the_forward_sweep():
+    """When the logits need a gradient, the forward writes it while each row is still in cache (one read
+    of the logits, one write of the gradient for a whole training step); the backward only hands it over.
+    Seen in memory: the forward allocates the N x V gradient, the backward nothing of that size."""
+    if cpu_ce.load_extension() is None or not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs the C++ kernel and Linux /proc/self/clear_refs")
+    n, v = 1024, 32768
+    nv_mb = n * v * 4 / 2**20
+    x = torch.randn(n, v).requires_grad_()
+    y = torch.randint(0, v, (n,))
+    losses = []
+    fwd = _peak_extra_rss_mb(lambda: losses.append(fused_cross_entropy(x, y)))
+    bwd = _peak_extra_rss_mb(lambda: losses[0].backward())
+    assert fwd > 0.9 * nv_mb, f"forward added {fwd:.0f} MiB, the gradient is {nv_mb:.0f} MiB"
+    assert bwd < 16, f"backward added {bwd:.0f} MiB: it should write nothing N x V"
+    test_near(x.grad.double(), reference(x, y)[1])
+
+
+def test_a_retained_graph_gives_the_same_gradient_twice():
+    """The forward's gradient is handed over once; a second backward through a retained graph writes it
+    again from the logits, so the two accumulate to twice the gradient, as with F.cross_entropy."""
+    x, y = logits_and_target(5, 40)
+    x.requires_grad_()
+    loss = fused_cross_entropy(x, y, label_smoothing=0.2)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    test_near(x.grad.double(), 2 * reference(x, y, label_smoothing=0.2)[1])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_second_derivatives_are_pytorchs(reduction):
+    """A gradient penalty differentiates the gradient itself (create_graph=True). A fused backward is a
+    kernel, not a graph, so with create_graph the gradient is taken through F.cross_entropy's own graph
+    instead: right, never silently wrong (before, the penalty's gradient came out wrong without error)."""
+    x, y = logits_and_target(6, 30, scale=2.0)
+    y[2] = -100
+    grads = []
+    for fn in (fused_cross_entropy, F.cross_entropy):
+        xi = x.double().requires_grad_()
+        loss = fn(xi, y, reduction=reduction, label_smoothing=0.1).sum()
+        (g,) = torch.autograd.grad(loss, xi, create_graph=True)
+        (loss + (g**2).sum()).backward()
+        grads.append(xi.grad)
+    test_near(grads[0], grads[1])
+
+
+def test_unsupported_keywords_and_an_empty_batch_are_refused():
+    """weight= (class weights) is not supported: a TypeError naming it, not a silent unweighted loss. An
+    empty batch is a ValueError naming logits; options are checked like the rest of the contract."""
+    x, y = logits_and_target(3, 5)
+    with pytest.raises(TypeError, match="fused_cross_entropy: weight="):
+        fused_cross_entropy(x, y, weight=torch.ones(5))
+    with pytest.raises(ValueError, match="fused_cross_entropy: logits must be a batch of at least one row"):
+        fused_cross_entropy(torch.randn(0, 5), torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(ValueError, match="fused_cross_entropy: reduction must be one of"):
+        fused_cross_entropy(x, y, reduction="avg")
+    with pytest.raises(ValueError, match="fused_cross_entropy: label_smoothing must be in"):
+        fused_cross_entropy(x, y, label_smoothing=1.5)
 
 
 # --- The fallback and the memory it saves ---------------------------------------------------
@@ -238,8 +383,9 @@ def test_fallback_equals_the_compiled_kernel():
     """Where the C++ build fails, the chunked torch path runs instead: the same algorithm in torch ops, a
     chunk of rows at a time. It must give what the compiled kernel gives (both against float64)."""
     x, y = logits_and_target(40, 3000, scale=5.0)
-    assert_matches_reference(x, y, fn=cpu_ce.ChunkedCrossEntropy.apply)
-    chunked_loss, chunked_grad = fused_with_grad(x, y, cpu_ce.ChunkedCrossEntropy.apply)
+    chunked = by_kernel(cpu_ce.chunked_loss, one_sweep=True)
+    assert_matches_reference(x, y, fn=chunked)
+    chunked_loss, chunked_grad = fused_with_grad(x, y, chunked)
     fused_loss, fused_grad = fused_with_grad(x, y)
     test_near(chunked_loss, fused_loss)
     test_near(chunked_grad, fused_grad)
@@ -300,7 +446,7 @@ def test_fused_forward_allocates_no_n_by_v_temporary():
     fused_cross_entropy(x[:2, :100], y[:2] % 100)  # load the kernel first: its code is not the point
     torch_fwd = _peak_extra_rss_mb(lambda: F.cross_entropy(x, y))
     fused_fwd = _peak_extra_rss_mb(lambda: fused_cross_entropy(x, y))
-    chunked_fwd = _peak_extra_rss_mb(lambda: cpu_ce.ChunkedCrossEntropy.apply(x, y))
+    chunked_fwd = _peak_extra_rss_mb(lambda: by_kernel(cpu_ce.chunked_loss)(x, y))
     assert torch_fwd > 0.9 * nv_mb, (
         f"F.cross_entropy's forward added only {torch_fwd:.0f} MiB"
     )  # the test sees it
@@ -344,7 +490,7 @@ def test_triton_cross_entropy_matches_pytorch(n, v, block_v, dtype):
     device = triton_device()
     x = (torch.randn(n, v) * 4).to(dtype).to(device)
     y = torch.randint(0, v, (n,)).to(device)
-    loss, grad = fused_with_grad(x, y, fn=lambda a, b: tk.cross_entropy_fixed(a, b, block_v))
+    loss, grad = fused_with_grad(x, y, fn=by_kernel(functools.partial(tk.triton_loss, block_v=block_v)))
     ref_loss, ref_grad = reference(x.cpu(), y.cpu())
     assert loss.dtype == dtype and grad.dtype == dtype
     if dtype == torch.float32:
@@ -365,7 +511,7 @@ def test_triton_cross_entropy_handles_extreme_and_strided_logits():
     y = torch.tensor([1, 4])
     for logits in (x, wide[:, 4:10]):
         loss, grad = fused_with_grad(
-            logits.to(device), y.to(device), fn=lambda a, b: tk.cross_entropy_fixed(a, b, 4)
+            logits.to(device), y.to(device), fn=by_kernel(functools.partial(tk.triton_loss, block_v=4))
         )
         ref_loss, ref_grad = reference(logits, y)
         test_near(loss.double().cpu(), ref_loss)
