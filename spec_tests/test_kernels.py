@@ -467,6 +467,143 @@ def test_fused_forward_allocates_no_n_by_v_temporary():
     )
 
 
+# --- Lesson 01's matmul and lesson 03's loss without the logits -------------------------------------
+
+
+def linear_problem(n, h, v, bias=True, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, h, generator=g).to(dtype)
+    w = (torch.randn(v, h, generator=g) / math.sqrt(h)).to(dtype)  # logits of order 1, as after init
+    b = torch.randn(v, generator=g).to(dtype) if bias else None
+    y = torch.randint(0, v, (n,), generator=g)
+    return x, w, b, y
+
+
+def linear_with_grads(fn, x, w, b, y, grad_out=1.0, **options):
+    """(loss, grad of input, of weight, of bias) of ``fn(input, linear_weight, target, linear_bias=...)``."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    loss = fn(leaves[0], leaves[1], y, linear_bias=leaves[2], **options)
+    (loss * grad_out).sum().backward()
+    return [loss.detach()] + [t.grad for t in leaves if t is not None]
+
+
+def assert_linear_matches_pytorch(x, w, b, y, fn=fused_linear_cross_entropy, grad_out=1.0, **options):
+    """Loss and the gradients of input, weight and bias against F.linear_cross_entropy in float64, each
+    compared at the scale of the reference (a 'sum' loss grows with N)."""
+    got = linear_with_grads(fn, x, w, b, y, grad_out, **options)
+    x64, w64, b64 = (t.double() if t is not None else None for t in (x, w, b))
+    want = linear_with_grads(F.linear_cross_entropy, x64, w64, b64, y, grad_out, **options)
+    for name, a, r in zip(["loss", "input grad", "weight grad", "bias grad"], got, want, strict=False):
+        assert a.dtype == x.dtype, (name, a.dtype)
+        scale = max(1.0, r.abs().max().item())
+        diff = (a.double() - r).abs().max().item() / scale
+        assert diff < 1e-5, f"{name}: max difference {diff:.2e} (relative to {scale:.2e})"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_linear_equals_pytorchs_linear_cross_entropy_in_float64(reduction, bias):
+    """fused_linear_cross_entropy is F.linear_cross_entropy (PyTorch's signature and meaning): the loss and
+    the gradients of input, linear_weight and linear_bias, with padding rows and label smoothing, over
+    several chunks (float64 goes through the chunked torch loss; the matmuls are torch's)."""
+    x, w, b, y = linear_problem(70, 24, 300, bias)
+    y[::7] = -100
+    grad_out = torch.rand(70, dtype=torch.float64) + 0.5 if reduction == "none" else 1.7
+    assert_linear_matches_pytorch(x, w, b, y, grad_out=grad_out, reduction=reduction, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_linear_in_float32_is_within_the_lessons_tolerance(reduction):
+    """float32, the C++ loss kernel on each chunk: within the lesson's tolerance of float64 PyTorch."""
+    x, w, b, y = linear_problem(100, 32, 1000, dtype=torch.float32, seed=1)
+    y[3] = -100
+    got = linear_with_grads(fused_linear_cross_entropy, x, w, b, y, reduction=reduction)
+    want = linear_with_grads(
+        F.linear_cross_entropy, x.double(), w.double(), b.double(), y, reduction=reduction
+    )
+    for a, r in zip(got, want, strict=True):
+        assert a.dtype == torch.float32
+        scale = max(1.0, r.abs().max().item())
+        test_near(a.double() / scale, r / scale)
+
+
+@pytest.mark.parametrize("n", [1, 10, 17])
+def test_chunk_boundaries_change_nothing(monkeypatch, n):
+    """Rows go through the matmul a chunk at a time; with a chunk of 3 rows, N = 1 (one partial chunk),
+    N = 10 (a last chunk of one row) and 17 give PyTorch's loss and gradients all the same."""
+    monkeypatch.setattr(kernels, "LINEAR_CHUNK_ELEMENTS", 3 * 40)
+    assert kernels.linear_chunk_rows(n, 40) == min(n, 3, math.ceil(n / 16))
+    x, w, b, y = linear_problem(n, 8, 40)
+    assert_linear_matches_pytorch(x, w, b, y, label_smoothing=0.05)
+
+
+def test_half_precision_accumulates_the_weight_gradient_in_float32():
+    """bfloat16 input and weight: each chunk's logits and products are bfloat16, as in F.linear, but the
+    weight's gradient is summed over the chunks in float32, so it stays within bfloat16's rounding of the
+    float64 gradient however many chunks there are."""
+    x, w, b, y = linear_problem(256, 16, 500, dtype=torch.bfloat16, seed=2)
+    _, gx, gw, gb = linear_with_grads(fused_linear_cross_entropy, x, w, b, y)
+    _, rx, rw, rb = linear_with_grads(F.linear_cross_entropy, x.double(), w.double(), b.double(), y)
+    assert gw.dtype == torch.bfloat16
+    for name, a, r in (("input", gx, rx), ("weight", gw, rw), ("bias", gb, rb)):
+        err = (a.double() - r).abs().max() / r.abs().max()
+        assert err < 2e-2, f"{name} grad: relative error {err:.2e}"
+
+
+def test_fused_linear_second_derivatives_and_errors():
+    """Same second-derivative rule as fused_cross_entropy (through PyTorch's graph); a weight whose H does
+    not match the input's, or a dtype mismatch, names the arguments."""
+    x, w, b, y = linear_problem(5, 4, 9)
+    xs = [t.clone().requires_grad_() for t in (x, w)]
+    penalties = []
+    for fn in (fused_linear_cross_entropy, F.linear_cross_entropy):
+        xi, wi = (t.detach().clone().requires_grad_() for t in (x, w))
+        loss = fn(xi, wi, y, linear_bias=b)
+        gx, gw = torch.autograd.grad(loss, (xi, wi), create_graph=True)
+        ((gx**2).sum() + (gw**2).sum()).backward()
+        penalties.append((xi.grad, wi.grad))
+    test_near(penalties[0][0], penalties[1][0])
+    test_near(penalties[0][1], penalties[1][1])
+    with pytest.raises(ValueError, match="fused_linear_cross_entropy: linear_weight must be"):
+        fused_linear_cross_entropy(xs[0], torch.randn(9, 5, dtype=torch.float64), y)
+    with pytest.raises(ValueError, match="input and linear_weight must have one dtype"):
+        fused_linear_cross_entropy(x, w.float(), y)
+
+
+@pytest.mark.skipif(
+    not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs"
+)
+def test_fused_linear_never_holds_the_logits():
+    """Why fuse the matmul into the loss: at (N, H, V) = (1024, 32, 32768) float32 the logits are 128 MiB,
+    32x the weight. PyTorch's default linear_cross_entropy holds them (and their gradient) whole; the
+    fused version's peak over a forward+backward, beyond the gradients it returns, is one chunk buffer: at
+    most an eighth of the logits (the contract's bound), counted in bytes and measured."""
+    n, h, v = 1024, 32, 32768
+    logits_mb = n * v * 4 / 2**20
+    x, w, _, y = linear_problem(n, h, v, bias=False, dtype=torch.float32)
+    chunk_mb = kernels.linear_chunk_rows(n, v) * v * 4 / 2**20
+    assert chunk_mb <= logits_mb / 8, (chunk_mb, logits_mb)
+    returned_mb = (x.numel() + w.numel()) * 4 / 2**20
+    fused_linear_cross_entropy(x[:4], w[:50], y[:4] % 50)  # load the kernel first: its code is not the point
+
+    def step(fn):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()  # inputs, made before measuring
+
+        def run():
+            fn(xi, wi, y).backward()
+            return xi.grad, wi.grad
+
+        return _peak_extra_rss_mb(run) - returned_mb
+
+    torch_mb = step(F.linear_cross_entropy)
+    fused_mb = step(fused_linear_cross_entropy)
+    print(f"extra MiB beyond the gradients: F.linear_cross_entropy {torch_mb:.0f}, fused {fused_mb:.0f}")
+    assert torch_mb > 0.9 * logits_mb, f"F.linear_cross_entropy added only {torch_mb:.0f} MiB"
+    assert fused_mb <= logits_mb / 8, (
+        f"fused forward+backward added {fused_mb:.0f} MiB beyond its gradients (logits: {logits_mb:.0f} MiB)"
+    )
+
+
 # --- The Triton kernels, in the interpreter without a GPU ------------------------------------
 
 
@@ -516,6 +653,50 @@ def test_triton_cross_entropy_handles_extreme_and_strided_logits():
         ref_loss, ref_grad = reference(logits, y)
         test_near(loss.double().cpu(), ref_loss)
         test_near(grad.double().cpu(), ref_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_triton_cross_entropy_takes_the_keywords(reduction, dtype):
+    """The Triton kernel's ignore_index, label_smoothing and per-row gradient scale (read on the device:
+    no host sync), over several blocks, against float64 F.cross_entropy; float16 at float16's tolerance."""
+    device = triton_device()
+    x = (torch.randn(6, 100) * 3).to(dtype)
+    y = torch.randint(0, 100, (6,))
+    y[[0, 4]] = 5
+    options = dict(reduction=reduction, ignore_index=5, label_smoothing=0.1)
+    grad_out = torch.rand(6) + 0.5 if reduction == "none" else 2.0
+    fn = by_kernel(functools.partial(tk.triton_loss, block_v=32))
+    loss, grad = fused_with_grad(x.to(device), y.to(device), fn, grad_out, **options)
+    ref_loss, ref_grad = reference(x, y, grad_out, **options)
+    assert loss.dtype == dtype and grad.dtype == dtype and not grad[[0, 4]].any()
+    if dtype == torch.float32:
+        test_near(loss.double().cpu(), ref_loss)
+        test_near(grad.double().cpu(), ref_grad)
+    else:
+        assert torch.allclose(loss.double().cpu(), ref_loss, rtol=1e-3, atol=1e-3), (loss, ref_loss)
+        assert torch.allclose(grad.double().cpu(), ref_grad, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_loss_inside_the_fused_linear_cross_entropy(dtype):
+    """On CUDA the fused linear cross-entropy runs the same chunks with the Triton loss kernel, which
+    overwrites each chunk of logits with its gradient in place; here in the interpreter, with several
+    chunks, against F.linear_cross_entropy (float16 at float16's tolerance)."""
+    device = triton_device()
+    x, w, b, y = linear_problem(40, 8, 70, dtype=torch.float64)
+    y[3] = -100
+    kernel = functools.partial(tk.triton_loss, block_v=32)
+    fn = functools.partial(kernels._apply_fused_linear, kernel, label_smoothing=0.1)
+    got = linear_with_grads(fn, *(t.to(dtype).to(device) for t in (x, w, b)), y.to(device))
+    want = linear_with_grads(F.linear_cross_entropy, x, w, b, y, label_smoothing=0.1)
+    for a, r in zip(got, want, strict=True):
+        assert a.dtype == dtype
+        if dtype == torch.float32:
+            test_near(a.double().cpu(), r)
+        else:
+            err = (a.double().cpu() - r).abs().max() / max(1.0, r.abs().max().item())
+            assert err < 1e-2, err
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -588,3 +769,20 @@ def test_cuda_triton_matmul_matches_cublas(dtype):
     expected = a.double() @ b.double()
     rel = (c.double() - expected).abs().max() / expected.abs().max()
     assert rel < (1e-5 if dtype == torch.float32 else 1e-2), rel
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not CUDA or tk is None or (tk is not None and tk.INTERPRET), reason="needs CUDA and compiled Triton"
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_fused_linear_cross_entropy_matches_pytorch(dtype):
+    """On a GPU, the fused linear cross-entropy (torch matmuls, the Triton loss in place) at a real
+    vocabulary size, against F.linear_cross_entropy in float64."""
+    x, w, b, y = linear_problem(512, 256, 32_000, dtype=torch.float64)
+    y[::9] = -100
+    got = linear_with_grads(fused_linear_cross_entropy, *(t.to(dtype).cuda() for t in (x, w, b)), y.cuda())
+    want = linear_with_grads(F.linear_cross_entropy, *(t.cuda() for t in (x, w, b)), y.cuda())
+    for a, r in zip(got, want, strict=True):
+        err = (a.double() - r).abs().max() / max(1.0, r.abs().max().item())
+        assert err < (1e-4 if dtype == torch.float32 else 2e-2), err
