@@ -226,6 +226,45 @@ def chunked_loss(
     return row_loss, grad
 
 
+class GradientBuffer:
+    """The one N x V buffer the C++ path writes the gradient into, reused from call to call.
+
+    A fresh 1 GiB tensor costs a page fault per page on first write (here that was slower than computing
+    the gradient). So, as PyTorch's CUDA caching allocator does for GPU memory, the buffer is kept after
+    the caller is done with it and reused by the next call of the same shape, but only when nothing else
+    refers to its memory: the gradient handed out is a second tensor on the same storage, and while it
+    (or any view of it, or its storage) lives, the storage's use count says so and a new buffer is made
+    instead. Holds at most one buffer; ``release()`` drops it.
+    """
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _only_ours(buf: torch.Tensor) -> bool:
+        count = getattr(torch._C, "_storage_Use_Count", None)
+        if count is None:  # without the count we cannot know: never reuse
+            return False
+        storage = buf.untyped_storage()
+        return count(storage._cdata) <= 2  # our tensor and the `storage` object just made
+
+    def take(self, n: int, v: int, make) -> torch.Tensor:
+        """A [n, v] float32 tensor nobody else holds: the kept buffer if free, else ``make()`` (kept)."""
+        with self._lock:
+            buf = self._buf
+            if buf is None or buf.shape != (n, v) or not self._only_ours(buf):
+                self._buf = buf = make()
+            return buf.detach()  # a second tensor on the same storage: its life is what we count
+
+    def release(self) -> None:
+        with self._lock:
+            self._buf = None
+
+
+GRADIENT_BUFFER = GradientBuffer()
+
+
 def cpp_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -235,14 +274,12 @@ def cpp_loss(
     row_scale: torch.Tensor | None = None,
 ):
     """The same as ``chunked_loss``, by the C++ kernel (CPU float32, unit column stride)."""
-    out = load_extension().forward(
-        logits,
-        target,
-        ignore_index,
-        label_smoothing,
-        grad_mode if row_scale is not None else 0,
-        1.0,
-        row_scale,
-    )
-    grad = out[3] if len(out) > 3 else (logits if grad_mode == 2 and row_scale is not None else None)
-    return out[2], grad
+    ext = load_extension()
+    if row_scale is None:
+        return ext.forward(logits, target, ignore_index, label_smoothing, 0, 1.0, None)[2], None
+    out = None
+    if grad_mode == 1:  # a huge-page-advised tensor from the extension, kept and reused while free
+        N, V = logits.shape
+        out = GRADIENT_BUFFER.take(N, V, lambda: ext.empty_huge_pages(N, V))
+    result = ext.forward(logits, target, ignore_index, label_smoothing, grad_mode, 1.0, row_scale, out)
+    return result[2], (result[3] if grad_mode == 1 else logits)

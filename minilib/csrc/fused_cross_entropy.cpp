@@ -334,12 +334,12 @@ inline void row_loss_and_grad(const float* x, float* g, int64_t V, float scale, 
 
 // The loss of every row, and (grad_mode 1: into a new [N, V] tensor; 2: in place, over the logits) its
 // gradient: grad[i, j] = (softmax(x_i)_j - (1 - eps) [j == t_i] - eps / V) * scale * row_scale[i]
-// (row_scale optional), 0 where t_i == ignore_index. row_loss[i] = (1 - eps) (l - (x_t - m)) +
+// (row_scale optional), 0 where t_i == ignore_index; grad_mode 1 writes into `out` when it is given. row_loss[i] = (1 - eps) (l - (x_t - m)) +
 // eps (l - (mean(x_i) - m)), 0 where ignored. Targets must be in [0, V) or ignore_index (checked by the
 // caller). Returns (row_max, row_logsum, row_loss[, grad]).
 std::vector<torch::Tensor> forward(torch::Tensor logits, torch::Tensor target, int64_t ignore_index,
                                    double label_smoothing, int64_t grad_mode, double scale,
-                                   c10::optional<torch::Tensor> row_scale) {
+                                   c10::optional<torch::Tensor> row_scale, c10::optional<torch::Tensor> out) {
   check_input(logits, target);
   TORCH_CHECK(grad_mode >= 0 && grad_mode <= 2, "fused_cross_entropy: grad_mode is 0, 1 or 2");
   auto tgt = target.contiguous();
@@ -358,8 +358,15 @@ std::vector<torch::Tensor> forward(torch::Tensor logits, torch::Tensor target, i
   float* g = nullptr;
   int64_t ldg = V;
   if (grad_mode == 1) {
-    grad = torch::empty({N, V}, logits.options());
-    advise_huge_pages(grad.data_ptr(), static_cast<size_t>(grad.numel()) * sizeof(float));
+    if (out.has_value() && out->defined()) {  // a buffer the caller reuses (no fresh pages to fault in)
+      grad = *out;
+      TORCH_CHECK(grad.scalar_type() == torch::kFloat32 && grad.is_contiguous() && grad.dim() == 2 &&
+                      grad.size(0) == N && grad.size(1) == V,
+                  "fused_cross_entropy: out must be a contiguous float32 [N, V] tensor");
+    } else {
+      grad = torch::empty({N, V}, logits.options());
+      advise_huge_pages(grad.data_ptr(), static_cast<size_t>(grad.numel()) * sizeof(float));
+    }
     g = grad.data_ptr<float>();
   } else if (grad_mode == 2) {
     g = logits.data_ptr<float>();
@@ -407,11 +414,20 @@ std::vector<torch::Tensor> forward(torch::Tensor logits, torch::Tensor target, i
   return {row_max, row_logsum, row_loss};
 }
 
+// A new float32 [N, V] tensor whose memory asked for huge pages (see advise_huge_pages).
+torch::Tensor empty_huge_pages(int64_t N, int64_t V) {
+  auto t = torch::empty({N, V}, torch::kFloat32);
+  advise_huge_pages(t.data_ptr(), static_cast<size_t>(t.numel()) * sizeof(float));
+  return t;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "minilib's fused cross-entropy for CPU float32 (online softmax, one pass per row)";
   // The GIL is released while the kernels run: they touch no Python object, and other Python
   // threads (a data loader, say) can go on meanwhile.
   m.def("forward", &forward, "per-row max, log-sum, loss, and optionally the gradient", py::arg("logits"),
         py::arg("target"), py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("grad_mode"),
-        py::arg("scale"), py::arg("row_scale") = py::none(), py::call_guard<py::gil_scoped_release>());
+        py::arg("scale"), py::arg("row_scale") = py::none(), py::arg("out") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("empty_huge_pages", &empty_huge_pages, "a new float32 [N, V] tensor advised to use huge pages");
 }
