@@ -315,7 +315,11 @@ def linear_goals(repeats: int, n: int, h: int, v: int, compile_: bool) -> None:
             med, best = _ratios(t, k, ["three matmuls"])
             peak = _peak_mb(step(kernels[k]))
             line += f"   / three matmuls: median {med:.2f}x, best-of {best:.2f}x"
-            line += f"   peak extra {peak:.0f} MiB ({peak / logits_mb:.2f} of the logits)" if peak is not None else ""
+            line += (
+                f"   peak extra {peak:.0f} MiB ({peak / logits_mb:.2f} of the logits)"
+                if peak is not None
+                else ""
+            )
         print(line)
     print("  goals: fused_linear_cross_entropy <= 1.15x the three matmuls, peak extra <= 0.125 of the logits")
 
