@@ -232,7 +232,8 @@ def fused_cross_entropy(
     kernel = _loss_kernel(logits)
     # One sweep where the backward can check grad_out for free (CPU); on a GPU the backward's own sweep
     # avoids both a host sync and a third pass to scale by grad_out.
-    one_sweep = logits.device.type == "cpu"
+    # (Not under no_grad: there the forward would write a gradient nobody asks for.)
+    one_sweep = logits.device.type == "cpu" and torch.is_grad_enabled()
     return _FusedCrossEntropy.apply(
         _unit_column_stride(logits), target.contiguous(), reduction, ignore_index, eps, kernel, one_sweep
     )
@@ -295,9 +296,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     the backward) the backward runs the sweep again with grad_out as the row scale."""
 
     @staticmethod
-    def forward(ctx, x, w, b, target, reduction, ignore_index, eps, kernel):
+    def forward(ctx, x, w, b, target, reduction, ignore_index, eps, kernel, grad_enabled):
         n_valid, scale = _grad_scale(target, ignore_index, reduction)
-        needs = ctx.needs_input_grad[:3]
+        needs = ctx.needs_input_grad[:3] if grad_enabled else (False,) * 3  # no gradients under no_grad
         sweep = any(needs) and reduction != "none"
         row_loss, *grads = _linear_sweep(
             x, w, b, target, ignore_index, eps, scale if sweep else None, needs, kernel
@@ -317,7 +318,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grads = _reference_grad(
                 lambda x, w, b: F.cross_entropy(F.linear(x, w, b), target, **options), [x, w, b], grad_out
             )
-            return grads + (None,) * 5
+            return grads + (None,) * 6
         if grads is None:
             row_scale = (scale * grad_out.reshape(-1 if reduction == "none" else ())).to(torch.float32)
             needs = ctx.needs_input_grad[:3]
@@ -329,7 +330,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         gx, gw, gb = grads
         gw = None if gw is None else gw.to(w.dtype)
         gb = None if gb is None else gb.to(w.dtype)
-        return gx, gw, gb, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -381,7 +382,7 @@ def fused_linear_cross_entropy(
     _check_target(fname, target, input.shape[0], linear_weight.shape[0], "linear_weight", ignore_index)
     return _FusedLinearCrossEntropy.apply(
         input.contiguous(), linear_weight.contiguous(), linear_bias, target.contiguous(), reduction,
-        ignore_index, eps, _loss_kernel(input),
+        ignore_index, eps, _loss_kernel(input), torch.is_grad_enabled(),
     )  # fmt: skip
 
 
@@ -397,8 +398,9 @@ def _apply_fused_linear(kernel, input, linear_weight, target, *, linear_bias=Non
                         ignore_index=-100, label_smoothing=0.0):  # fmt: skip
     """fused_linear_cross_entropy through a chosen row loss kernel, unchecked (for the tests)."""
     return _FusedLinearCrossEntropy.apply(
-        input, linear_weight, linear_bias, target, reduction, ignore_index, label_smoothing, kernel
-    )
+        input, linear_weight, linear_bias, target, reduction, ignore_index, label_smoothing, kernel,
+        torch.is_grad_enabled(),
+    )  # fmt: skip
 
 
 # --- triton_matmul ----------------------------------------------------------------------------------------

@@ -322,13 +322,17 @@ def test_all_targets_ignored_gives_nan_loss_and_zero_gradient_as_pytorch():
 def test_the_gradient_is_written_in_the_forward_sweep():
     """When the logits need a gradient, the forward writes it while each row is still in cache (one read
     of the logits, one write of the gradient for a whole training step); the backward only hands it over.
-    Seen in memory: the forward allocates the N x V gradient, the backward nothing of that size."""
+    Seen in memory: the forward allocates the N x V gradient, the backward nothing of that size; under
+    torch.no_grad (an evaluation loop) the forward writes no gradient at all."""
     if cpu_ce.load_extension() is None or not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("needs the C++ kernel and Linux /proc/self/clear_refs")
     n, v = 1024, 32768
     nv_mb = n * v * 4 / 2**20
     x = torch.randn(n, v).requires_grad_()
     y = torch.randint(0, v, (n,))
+    with torch.no_grad():
+        no_grad = _peak_extra_rss_mb(lambda: fused_cross_entropy(x, y))
+    assert no_grad < 16, f"a forward under no_grad added {no_grad:.0f} MiB"
     losses = []
     fwd = _peak_extra_rss_mb(lambda: losses.append(fused_cross_entropy(x, y)))
     bwd = _peak_extra_rss_mb(lambda: losses[0].backward())
