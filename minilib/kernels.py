@@ -1,22 +1,40 @@
 """Beyond the lessons: the fast paths of lessons 01 (01_matmul) and 03 (03_minibatch_training).
 
-``fused_cross_entropy(logits, target)`` is lesson 03's ``nll(log_softmax(x), y)`` in one pass. The
-lesson's version writes log_softmax, an N x V tensor, to memory and reads it back to pick one
-number per row; at (8192, 32000) float32 that is 1 GiB written and read again for 8192 numbers.
-The fused version reads each row once, keeping a running max and a running sum of exponentials
-(the online softmax), and keeps three numbers per row for the backward, which writes the gradient
-``(softmax - onehot(target)) * grad_out / N`` in one more sweep. Where it runs:
+``fused_cross_entropy(logits, target, *, reduction, ignore_index, label_smoothing)`` is lesson 03's
+``nll(log_softmax(x), y)`` in one pass, with F.cross_entropy's keywords. The lesson's version writes
+log_softmax, an N x V tensor, to memory and reads it back to pick one number per row; at (8192, 32000)
+float32 that is 1 GiB written and read again for 8192 numbers. The fused version reads each row once,
+keeping a running max and a running sum of exponentials (the online softmax). When the logits need a
+gradient (CPU, 'mean' or 'sum'), the same sweep also writes the gradient
+``(softmax - (1 - eps) onehot - eps / V) / n_valid`` while the row is still in cache, so a training step
+reads the logits once and writes the gradient once; the backward only hands it over (multiplying by
+grad_out if that is not 1). The gradient goes into a buffer that is reused from step to step once the
+caller has let go of the previous gradient (``_cpu_cross_entropy.GradientBuffer``): fresh pages would
+cost more than the arithmetic. Elsewhere ('none', GPUs: grad_out unknown until the backward and not
+readable without a host sync) the backward writes the gradient from the logits in its own sweep.
+Second derivatives (``create_graph=True``) are taken through F.cross_entropy's own graph: right, if slow.
+
+``fused_linear_cross_entropy(input, linear_weight, target, ...)`` is ``F.linear_cross_entropy``: lesson
+01's matmul and lesson 03's loss without ever holding the [N, V] logits. Rows go in chunks
+(``linear_chunk_rows``) through ``x_c @ W.T`` into one reused buffer; the row loss kernel writes each row's
+loss and overwrites the buffer with the gradient of the logits; then ``dlogits @ W`` is the chunk's input
+gradient and ``dlogits.T @ x_c`` its share of the weight's (summed in float32 for half precision).
+
+Where the row loss kernel runs:
 
 ============================================  =====================================================
 logits                                        path
 ============================================  =====================================================
-CUDA float32/float16/bfloat16, with Triton    Triton kernels (``minilib._triton_kernels``)
+CUDA float32/float16/bfloat16, with Triton    Triton kernel (``minilib._triton_kernels.triton_loss``)
 CPU float32                                   C++ kernel built on first use (``minilib/csrc``), or,
                                               if it cannot be built, the chunked torch path (warns
                                               once)
 anything else (CPU float64/bfloat16/float16,  chunked torch path (half precision computed in
 CUDA float64, CUDA without Triton, ...)       float32), extra memory one chunk + O(N)
 ============================================  =====================================================
+
+On CUDA no call waits for the GPU: the target range check is a device-side assert (as in
+F.cross_entropy's own kernel), the mean's divisor and the gradient's scale stay on the device.
 
 The C++ kernel is compiled with ``torch.utils.cpp_extension`` (ninja and the system C++ compiler,
 -O3 -march=native -fopenmp) the first time it is needed, which takes ~30-60 s once; the build is
