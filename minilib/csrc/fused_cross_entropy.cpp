@@ -5,9 +5,10 @@
 // The lesson computes log_softmax(x), an N x V tensor, and then picks one entry per row (nll).
 // Only two numbers per row matter for the loss: logsumexp(x_i) and x_i[target_i]. This kernel
 // reads each row once, keeps a running max and a running sum of exponentials (the online
-// softmax), and writes no N x V temporary. The backward needs only the saved per-row max m_i and
-// log-sum l_i: d loss / d x_ij = (exp(x_ij - m_i - l_i) - [j == t_i]) * grad_out / N, written in
-// one sweep.
+// softmax), and writes no N x V temporary. The gradient, d loss / d x_ij =
+// (exp(x_ij - m_i - l_i) - (1 - eps) [j == t_i] - eps / V) * scale_i, is written by the same call
+// (row_loss_and_grad): each exp(x - shift) is stored as it is summed, and a second pass over the row,
+// still in cache, scales it; the logits are read from memory once.
 //
 // Where the speed comes from (F.cross_entropy writes log_softmax, N x V, then reads it back):
 // - one pass over memory and one exp per logit: each L1-sized block of a row is summed and
@@ -18,7 +19,8 @@
 // - rows shared among torch's intra-op threads (torch.set_num_threads applies here exactly as it
 //   does to F.cross_entropy), handed out in small batches as threads come free, so a thread that
 //   the OS pauses (a busy machine) does not hold up the rest;
-// - the backward writes the gradient once, into memory that asked for huge pages.
+// - the gradient is written once, into memory that asked for huge pages (or a reused buffer), or
+//   over the logits themselves (the fused linear cross-entropy's chunk buffer).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
