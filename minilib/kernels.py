@@ -79,8 +79,15 @@ __all__ = [
 ]
 
 #: The fused linear cross-entropy's chunk of logits (32 MiB of float32): large enough that its three
-#: matmuls per chunk run at full speed, small enough to be a sixteenth of (4096, 32000) logits.
-LINEAR_CHUNK_ELEMENTS = 1 << 23
+#: The fused linear cross-entropy's largest chunk of logits (64 MiB of float32). Each chunk adds its
+#: share of the weight's gradient into one V x H accumulator, which is read and written once per chunk,
+#: so fewer, larger chunks run faster (measured at (2048, 256, 32000): 64 rows 1.55x the three matmuls'
+#: time, 128 rows 1.25x, 256 rows 1.11x, 512 rows 1.02x); the memory bound below caps them.
+LINEAR_CHUNK_ELEMENTS = 1 << 24
+
+#: At most this fraction of the rows per chunk, so that the buffer stays under the eighth of the logits
+#: that the contract promises, with room for the O(N) and O(V) extras, whatever N is.
+LINEAR_CHUNK_FRACTION = 12
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -261,9 +268,9 @@ def fused_cross_entropy(
 
 
 def linear_chunk_rows(n: int, n_classes: int) -> int:
-    """Rows per chunk: LINEAR_CHUNK_ELEMENTS of logits, and at most a sixteenth of the rows (so that the
-    buffer stays near a sixteenth of the logits whatever N is, under the eighth promised), at least one."""
-    return max(1, min(n, LINEAR_CHUNK_ELEMENTS // max(1, n_classes), math.ceil(n / 16)))
+    """Rows per chunk: at most LINEAR_CHUNK_ELEMENTS of logits and a LINEAR_CHUNK_FRACTION-th of the rows,
+    at least one."""
+    return max(1, min(n, LINEAR_CHUNK_ELEMENTS // max(1, n_classes), n // LINEAR_CHUNK_FRACTION))
 
 
 def _linear_sweep(x, w, b, target, ignore_index, eps, row_scale, needs, kernel):

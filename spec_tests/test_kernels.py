@@ -566,7 +566,8 @@ def test_chunk_boundaries_change_nothing(monkeypatch, n):
     """Rows go through the matmul a chunk at a time; with a chunk of 3 rows, N = 1 (one partial chunk),
     N = 10 (a last chunk of one row) and 17 give PyTorch's loss and gradients all the same."""
     monkeypatch.setattr(kernels, "LINEAR_CHUNK_ELEMENTS", 3 * 40)
-    assert kernels.linear_chunk_rows(n, 40) == min(n, 3, math.ceil(n / 16))
+    monkeypatch.setattr(kernels, "LINEAR_CHUNK_FRACTION", 1)
+    assert kernels.linear_chunk_rows(n, 40) == min(n, 3)
     x, w, b, y = linear_problem(n, 8, 40)
     assert_linear_matches_pytorch(x, w, b, y, label_smoothing=0.05)
 
