@@ -54,7 +54,6 @@ machine without a GPU (float32 and float16; the interpreter's bfloat16 dot is no
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
