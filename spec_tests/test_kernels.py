@@ -690,11 +690,13 @@ def test_triton_cross_entropy_handles_extreme_and_strided_logits():
         test_near(grad.double().cpu(), ref_grad)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_triton_cross_entropy_takes_the_keywords(reduction, dtype):
     """The Triton kernel's ignore_index, label_smoothing and per-row gradient scale (read on the device:
-    no host sync), over several blocks, against float64 F.cross_entropy; float16 at float16's tolerance."""
+    no host sync), over several blocks, against float64 F.cross_entropy; float16 at float16's tolerance,
+    bfloat16 at the contract's (rtol 2e-2, atol 1e-3). The loss kernel has no tl.dot, so bfloat16 is
+    exact in the interpreter too."""
     device = triton_device()
     x = (torch.randn(6, 100) * 3).to(dtype)
     y = torch.randint(0, 100, (6,))
@@ -709,8 +711,9 @@ def test_triton_cross_entropy_takes_the_keywords(reduction, dtype):
         test_near(loss.double().cpu(), ref_loss)
         test_near(grad.double().cpu(), ref_grad)
     else:
-        assert torch.allclose(loss.double().cpu(), ref_loss, rtol=1e-3, atol=1e-3), (loss, ref_loss)
-        assert torch.allclose(grad.double().cpu(), ref_grad, rtol=1e-3, atol=1e-4)
+        rtol, atol = (1e-3, 1e-4) if dtype == torch.float16 else (2e-2, 1e-3)
+        assert torch.allclose(loss.double().cpu(), ref_loss, rtol=rtol, atol=10 * atol), (loss, ref_loss)
+        assert torch.allclose(grad.double().cpu(), ref_grad, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -752,6 +755,19 @@ def test_triton_matmul_matches_torch(m, k, n, dtype):
         assert torch.allclose(c.cpu().double(), expected, rtol=1e-2, atol=1e-2), (
             (c.cpu().double() - expected).abs().max()
         )
+
+
+@pytest.mark.xfail(reason="Triton's interpreter computes bfloat16 tl.dot wrongly (numpy has no bfloat16)")
+def test_triton_matmul_in_bfloat16_in_the_interpreter():
+    """Why the interpreter tests stop at float16: there, a bfloat16 tl.dot comes out wrong by orders of
+    magnitude (it is right on a GPU, checked by the CUDA test below). Marked as an expected failure, so
+    that a Triton that fixes it shows up as XPASS."""
+    if triton_device() != "cpu":
+        pytest.skip("a claim about the interpreter")
+    a, b = torch.randn(32, 32).bfloat16(), torch.randn(32, 32).bfloat16()
+    c = tk.matmul_fixed(a, b, 16, 16, 16, group_m=2)
+    expected = a.double() @ b.double()
+    assert torch.allclose(c.double(), expected, rtol=1e-2, atol=1e-1)
 
 
 def test_triton_matmul_public_function_and_its_errors():
