@@ -180,7 +180,9 @@ def chunk_loss(
         if label_smoothing:
             b.sub_(s * (label_smoothing / V))
         b.scatter_add_(1, t, s * -(1 - label_smoothing))
-        if ignored.any():  # an ignored row of +-inf logits would leave nan * 0 = nan behind
+        # An ignored row of +-inf logits would leave nan * 0 = nan behind. (On a GPU, asking whether any
+        # row is ignored would wait for the device: there the fill runs always.)
+        if b.is_cuda or ignored.any():
             b.masked_fill_(ignored.unsqueeze(1), 0.0)
         if not in_place:
             grad_out.copy_(b)
