@@ -6,6 +6,9 @@ minilib.kernels.fused_cross_entropy fuses it further. Cross-entropy does a few f
 version is bound by memory traffic: the report gives GB/s against the measured bandwidth (the floor is one
 read of the logits forward, one read and one write of the gradient for forward+backward) and the extra
 memory a call needs at its peak, which is where the step-by-step versions pay for their temporaries.
+Each case also records ``floor_s``, the time of that traffic measured in the same process (``x.sum()`` over
+the logits, plus ``g.fill_(1.0)`` into a tensor as large for forward+backward), and
+``fraction_of_floor`` = floor_s / time (1.0: the loss costs no more than moving its bytes once).
 
 Sizes: the lesson's (50,000 x 10), vocabulary-sized (4096 x 32,000) and (8192 x 32,000) on CPU in float32,
 and a Llama-3-sized vocabulary (8192 x 128,256) in bf16 on CUDA. Each kernel's loss (and, forward+backward,
@@ -14,6 +17,7 @@ its gradient) is checked against F.cross_entropy in float64 before it is timed.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +82,9 @@ class Problem:
     target: torch.Tensor
     loss: torch.Tensor  # F.cross_entropy in float64
     grad_rows: torch.Tensor  # n * d(loss)/d(x) = softmax - one_hot, from float64 autograd, stored as float32
+    floor_s: dict[
+        str, float
+    ]  # per mode: the memory floor measured here (x.sum(), + g.fill_(1.0) for fwd+bwd)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -110,7 +117,29 @@ def problem(request: pytest.FixtureRequest):
     grad_rows = x64.grad.mul_(n).float()
     loss = loss.detach()  # drops the graph, which would keep x64 alive
     del x64
-    yield Problem(device, dtype, n, c, x, target, loss, grad_rows)
+    yield Problem(device, dtype, n, c, x, target, loss, grad_rows, _memory_floor(x))
+
+
+def _memory_floor(x: torch.Tensor) -> dict[str, float]:
+    """The time of the memory traffic a loss cannot avoid, measured on this machine in this process: one
+    read of the logits (x.sum()) forward, plus one write of a gradient as large (g.fill_(1.0) into an
+    existing tensor) for forward+backward. Best of 5 each."""
+    g = torch.empty_like(x)
+    device = str(x.device)
+
+    def best(fn):
+        fn()
+        harness.sync(device)
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            harness.sync(device)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    read, write = best(lambda: x.sum()), best(lambda: g.fill_(1.0))
+    return {"fwd": read, "fwd+bwd": read + write}
 
 
 def _warm_up(
@@ -184,4 +213,8 @@ def test_cross_entropy(benchmark: Any, limits_for, sizes, problem: Problem, mode
         atol=atol,
         max_abs_diff=max_diff,
         implementation=_fused_path(p.device) if kernel == "fused_cross_entropy" else kernel,
+        floor="x.sum() (+ g.fill_(1.0) for fwd+bwd) over the logits' size, best of 5, same process",
+        floor_s=p.floor_s[mode],
     )
+    extra = benchmark.extra_info
+    extra["fraction_of_floor"] = p.floor_s[mode] / extra["seconds"]

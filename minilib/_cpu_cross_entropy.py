@@ -8,14 +8,16 @@ Beyond lesson 03 (03_minibatch_training): the lesson's ``nll(log_softmax(x), y)`
   (``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). If the build fails (no
   compiler, no ninja, an unknown flag), it warns once and returns None, and the caller uses the
   torch fallback below. ``MINILIB_NO_EXTENSION=1`` skips the build and always uses the fallback.
-- ``chunked_forward``/``chunked_backward`` are the fallback, and the path for dtypes the C++ kernel
-  does not take (float64, bfloat16, float16 on CPU; devices without a Triton kernel): the same
-  algorithm in vectorised torch ops, a chunk of rows at a time through one reused buffer, so the
-  extra memory is one chunk (``CHUNK_ELEMENTS``) plus O(N) row statistics, never N x V. Half
-  precision is computed in float32 chunk by chunk.
+- ``chunked_loss`` is the fallback, and the path for dtypes the C++ kernel does not take (float64,
+  bfloat16, float16 on CPU; devices without a Triton kernel): the same algorithm in vectorised torch
+  ops, a chunk of rows at a time through one reused buffer, so the extra memory is one chunk
+  (``CHUNK_ELEMENTS``) plus O(N), never N x V. Half precision is computed in float32 chunk by chunk.
+- ``cpp_loss`` calls the C++ kernel with the same arguments.
 
-Both paths save only per-row statistics for the backward: the row max ``m`` and ``l = log(sum(exp(x - m)))``,
-from which the gradient ``(exp(x - m - l) - onehot(target)) * grad_out / N`` is written in one sweep.
+Both take F.cross_entropy's ``ignore_index`` and ``label_smoothing`` and return each row's loss; given a
+``row_scale`` [N] they also write the gradient, ``(softmax - (1 - eps) onehot - eps / V) * row_scale``
+(0 on ignored rows), in the same sweep: into a new tensor (``grad_mode=1``) or over the logits
+themselves (``grad_mode=2``, what the fused linear cross-entropy does with its chunk buffer).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.autograd.function import once_differentiable
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -36,10 +37,9 @@ __all__ = [
     "extension_status",
     "load_extension",
     "chunk_rows",
-    "chunked_forward",
-    "chunked_backward",
-    "CppCrossEntropy",
-    "ChunkedCrossEntropy",
+    "chunk_loss",
+    "chunked_loss",
+    "cpp_loss",
 ]
 
 #: Elements per chunk of the torch fallback (16 MiB of float32): a bounded buffer, independent of N,
@@ -139,91 +139,149 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def chunked_forward(logits: torch.Tensor, target: torch.Tensor):
-    """(row_max, row_logsum, row_loss), each [N] in the compute dtype, a chunk of rows at a time."""
+def chunk_loss(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    row_scale: torch.Tensor | None = None,
+    grad_out: torch.Tensor | None = None,
+    buf: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The loss of each row of one chunk ``x`` [n, V] (0 where ignored) in the compute dtype; with
+    ``row_scale`` [n], also its gradient times row_scale, written into ``grad_out`` (which may be ``x``).
+
+    Works in ``buf`` (compute dtype, at least x's size) or, when x already has the compute dtype and is
+    the output, in x itself: extra memory is that one buffer plus O(n).
+    """
+    n, V = x.shape
+    cdt = _compute_dtype(x.dtype)
+    in_place = grad_out is not None and grad_out.data_ptr() == x.data_ptr() and x.dtype == cdt
+    if in_place:
+        b = x
+    else:
+        b = buf[:n] if buf is not None else torch.empty(n, V, dtype=cdt, device=x.device)
+        b.copy_(x)
+    ignored = target == ignore_index
+    t = target.masked_fill(ignored, 0).unsqueeze(1)  # a safe index for ignored rows (their loss is zeroed)
+    m = torch.amax(b, dim=1, keepdim=True)
+    b.sub_(m)  # x - m <= 0: exp cannot overflow
+    loss = -b.gather(1, t).squeeze(1)  # -(x_t - m), read before exp overwrites it
+    mean_term = b.sum(1).div_(V) if label_smoothing else None  # mean(x) - m, for the smoothing term
+    b.exp_()
+    l = b.sum(1).log_()
+    loss.add_(l)
+    if mean_term is not None:
+        loss.mul_(1 - label_smoothing).add_((l - mean_term).mul_(label_smoothing))
+    loss.masked_fill_(ignored, 0.0)
+    if row_scale is not None:
+        s = row_scale.to(cdt).masked_fill(ignored, 0.0).unsqueeze(1)
+        b.mul_(torch.exp(-l).unsqueeze(1) * s)  # softmax * scale
+        if label_smoothing:
+            b.sub_(s * (label_smoothing / V))
+        b.scatter_add_(1, t, s * -(1 - label_smoothing))
+        # An ignored row of +-inf logits would leave nan * 0 = nan behind. (On a GPU, asking whether any
+        # row is ignored would wait for the device: there the fill runs always.)
+        if b.is_cuda or ignored.any():
+            b.masked_fill_(ignored.unsqueeze(1), 0.0)
+        if not in_place:
+            grad_out.copy_(b)
+    return loss
+
+
+def chunked_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    grad_mode: int = 0,
+    row_scale: torch.Tensor | None = None,
+):
+    """(row_loss [N] in the compute dtype, gradient or None), a chunk of rows at a time, any device/dtype.
+
+    grad_mode 0: no gradient; 1: a new tensor in logits' dtype; 2: in place, over the logits.
+    """
     N, V = logits.shape
     cdt = _compute_dtype(logits.dtype)
     rows = min(chunk_rows(V), max(N, 1))
-    buf = torch.empty(rows, V, dtype=cdt, device=logits.device)  # the one reused N-independent buffer
-    row_max = torch.empty(N, dtype=cdt, device=logits.device)
-    row_logsum = torch.empty(N, dtype=cdt, device=logits.device)
+    grad = None
+    grad_mode = grad_mode if row_scale is not None else 0
+    if grad_mode == 1:
+        grad = torch.empty(N, V, dtype=logits.dtype, device=logits.device)
+    elif grad_mode == 2:
+        grad = logits
+    # The one reused N-independent buffer (not needed where the gradient itself can be the workspace).
+    work_in_grad = grad is not None and logits.dtype == cdt
+    buf = None if work_in_grad else torch.empty(rows, V, dtype=cdt, device=logits.device)
     row_loss = torch.empty(N, dtype=cdt, device=logits.device)
     for i in range(0, N, rows):
         j = min(i + rows, N)
-        b = buf[: j - i]
-        b.copy_(logits[i:j])
-        m = torch.amax(b, dim=1, keepdim=True, out=row_max[i:j].unsqueeze(1))
-        b.sub_(m)  # x - m <= 0: exp cannot overflow
-        x_t = b.gather(1, target[i:j].unsqueeze(1)).squeeze(1)  # x_t - m, read before exp overwrites it
-        b.exp_()
-        torch.sum(b, dim=1, out=row_logsum[i:j]).log_()
-        torch.sub(row_logsum[i:j], x_t, out=row_loss[i:j])
-    return row_max, row_logsum, row_loss
+        x = logits[i:j]
+        out = None
+        if grad is not None:
+            out = grad[i:j]
+            if work_in_grad and grad_mode == 1:
+                out.copy_(x)
+                x = out
+        scale = None if row_scale is None else row_scale[i:j]
+        row_loss[i:j] = chunk_loss(x, target[i:j], ignore_index, label_smoothing, scale, out, buf)
+    return row_loss, grad
 
 
-def chunked_backward(
+class GradientBuffer:
+    """The one N x V buffer the C++ path writes the gradient into, reused from call to call.
+
+    A fresh 1 GiB tensor costs a page fault per page on first write (here that was slower than computing
+    the gradient). So, as PyTorch's CUDA caching allocator does for GPU memory, the buffer is kept after
+    the caller is done with it and reused by the next call of the same shape, but only when nothing else
+    refers to its memory: the gradient handed out is a second tensor on the same storage, and while it
+    (or any view of it, or its storage) lives, the storage's use count says so and a new buffer is made
+    instead. Holds at most one buffer; ``release()`` drops it.
+    """
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _only_ours(buf: torch.Tensor) -> bool:
+        count = getattr(torch._C, "_storage_Use_Count", None)
+        if count is None:  # without the count we cannot know: never reuse
+            return False
+        storage = buf.untyped_storage()
+        return count(storage._cdata) <= 2  # our tensor and the `storage` object just made
+
+    def take(self, n: int, v: int, make) -> torch.Tensor:
+        """A [n, v] float32 tensor nobody else holds: the kept buffer if free, else ``make()`` (kept)."""
+        with self._lock:
+            buf = self._buf
+            if buf is None or buf.shape != (n, v) or not self._only_ours(buf):
+                self._buf = buf = make()
+            return buf.detach()  # a second tensor on the same storage: its life is what we count
+
+    def release(self) -> None:
+        with self._lock:
+            self._buf = None
+
+
+GRADIENT_BUFFER = GradientBuffer()
+
+
+def cpp_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
-    row_max: torch.Tensor,
-    row_logsum: torch.Tensor,
-    scale: torch.Tensor,
-) -> torch.Tensor:
-    """(softmax(logits) - onehot(target)) * scale, a new contiguous tensor in logits' dtype, by chunks."""
-    N, V = logits.shape
-    grad = torch.empty(N, V, dtype=logits.dtype, device=logits.device)
-    cdt = row_max.dtype
-    rows = min(chunk_rows(V), max(N, 1))
-    # Same dtype: work straight in the gradient's rows. Otherwise through one float32 buffer.
-    buf = None if cdt == logits.dtype else torch.empty(rows, V, dtype=cdt, device=logits.device)
-    scale = scale.to(cdt)
-    for i in range(0, N, rows):
-        j = min(i + rows, N)
-        b = grad[i:j] if buf is None else buf[: j - i]
-        torch.sub(logits[i:j], row_max[i:j].unsqueeze(1), out=b)
-        b.sub_(row_logsum[i:j].unsqueeze(1)).exp_().mul_(scale)
-        b.scatter_add_(1, target[i:j].unsqueeze(1), (-scale).expand(j - i, 1))
-        if buf is not None:
-            grad[i:j].copy_(b)
-    return grad
-
-
-def _mean(row_loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # The mean in float64: 8192 float32 terms summed naively would cost a few ulps.
-    return row_loss.sum(dtype=torch.float64).div(row_loss.shape[0]).to(dtype)
-
-
-class CppCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy by the C++ kernel (CPU float32, unit column stride); saves O(N) for backward."""
-
-    @staticmethod
-    def forward(ctx, logits, target):
-        ext = load_extension()
-        row_max, row_logsum, row_loss = ext.forward(logits, target)
-        ctx.save_for_backward(logits, target, row_max, row_logsum)
-        return _mean(row_loss, logits.dtype)
-
-    @staticmethod
-    @once_differentiable  # the backward is a kernel, not a graph: no second derivative
-    def backward(ctx, grad_out):
-        logits, target, row_max, row_logsum = ctx.saved_tensors
-        scale = float(grad_out) / logits.shape[0]
-        grad = load_extension().backward(logits, target, row_max, row_logsum, scale)
-        return grad, None
-
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy through the chunked torch fallback, any device and float dtype."""
-
-    @staticmethod
-    def forward(ctx, logits, target):
-        row_max, row_logsum, row_loss = chunked_forward(logits, target)
-        ctx.save_for_backward(logits, target, row_max, row_logsum)
-        return _mean(row_loss, logits.dtype)
-
-    @staticmethod
-    @once_differentiable  # the backward is a kernel, not a graph: no second derivative
-    def backward(ctx, grad_out):
-        logits, target, row_max, row_logsum = ctx.saved_tensors
-        # A tensor, not a float: no device sync on GPUs.
-        scale = grad_out.to(row_max.dtype) / logits.shape[0]
-        return chunked_backward(logits, target, row_max, row_logsum, scale), None
+    ignore_index: int,
+    label_smoothing: float,
+    grad_mode: int = 0,
+    row_scale: torch.Tensor | None = None,
+):
+    """The same as ``chunked_loss``, by the C++ kernel (CPU float32, unit column stride)."""
+    ext = load_extension()
+    if row_scale is None:
+        return ext.forward(logits, target, ignore_index, label_smoothing, 0, 1.0, None)[2], None
+    out = None
+    if grad_mode == 1:  # a huge-page-advised tensor from the extension, kept and reused while free
+        N, V = logits.shape
+        out = GRADIENT_BUFFER.take(N, V, lambda: ext.empty_huge_pages(N, V))
+    result = ext.forward(logits, target, ignore_index, label_smoothing, grad_mode, 1.0, row_scale, out)
+    return result[2], (result[3] if grad_mode == 1 else logits)

@@ -7,7 +7,7 @@ Triton is installed.
 The kernels are decorated when this module is imported, and Triton decides then whether they run
 compiled (CUDA) or in its interpreter (``TRITON_INTERPRET=1``, numpy on the CPU, for tests).
 ``INTERPRET`` records which. In the interpreter, autotuning does not run and bf16 ``tl.dot`` is not
-exact, so the test-facing helpers (``cross_entropy_fixed``, ``matmul_fixed``) take explicit block
+exact, so the test-facing helpers (``triton_loss``'s ``block_v``, ``matmul_fixed``) take explicit block
 sizes and run on CPU tensors; the tests use float32 and float16 only.
 """
 
@@ -16,16 +16,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 from triton import knobs
 
 __all__ = [
     "INTERPRET",
     "ce_block_v",
-    "ce_forward",
-    "ce_backward",
-    "TritonCrossEntropy",
-    "cross_entropy_fixed",
+    "triton_loss",
     "MATMUL_CONFIGS",
     "matmul_fixed",
     "matmul_autotuned",
@@ -37,55 +33,53 @@ INTERPRET: bool = bool(knobs.runtime.interpret)
 
 # --------------------------------------------------------------------------------------------
 # Fused cross-entropy: one program per row, a loop over the vocabulary in BLOCK_V columns.
-# Forward: online max and sum of exponentials (one exp per logit, one rescale per block), so the
-# row is read once and only three float32 numbers per row are written. Backward: the gradient in
-# one sweep from the saved row max m and l = log(sum(exp(x - m))).
+# Pass 1: online max and sum of exponentials (one exp per logit, one rescale per block), and the
+# row's plain sum for label smoothing; the row's loss is written (0 where the target is ignored).
+# Pass 2 (WRITE_GRAD): the gradient (softmax - (1 - eps) onehot - eps / V) * scale, where scale is
+# read on the device (no host sync), per row; it may overwrite the logits (the fused linear
+# cross-entropy's chunk buffer), since each block is read before it is written.
 # --------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _ce_forward_kernel(
-    x_ptr, stride_x, t_ptr, m_ptr, l_ptr, loss_ptr, V, BLOCK_V: tl.constexpr
+def _ce_kernel(
+    x_ptr, stride_x, t_ptr, loss_ptr, g_ptr, stride_g, scale_ptr, V, ignore_index, eps,
+    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 at (8192, 256k)
     x_row = x_ptr + row * stride_x
+    target = tl.load(t_ptr + row)
+    ignored = target == ignore_index
     m = tl.full([], float("-inf"), tl.float32)
     s = tl.zeros([], tl.float32)
+    total = tl.zeros([], tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        mask = cols < V
+        x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         # While every logit seen is -inf, shift by 0 instead (-inf - -inf would be nan).
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
+        total += tl.sum(tl.where(mask, x, 0.0), axis=0)
         m = m_new
-    target = tl.load(t_ptr + row)
-    x_t = tl.load(x_row + target).to(tl.float32)
+    x_t = tl.load(x_row + target, mask=~ignored, other=0.0).to(tl.float32)
     l = tl.log(s)
-    tl.store(m_ptr + row, m)
-    tl.store(l_ptr + row, l)
-    tl.store(loss_ptr + row, l - (x_t - m))  # -log softmax(x)[t], with x - m exact for huge logits
-
-
-@triton.jit
-def _ce_backward_kernel(
-    x_ptr, stride_x, g_ptr, stride_g, t_ptr, m_ptr, l_ptr, grad_out_ptr, inv_n, V, BLOCK_V: tl.constexpr
-):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_x
-    g_row = g_ptr + row * stride_g
-    m = tl.load(m_ptr + row)
-    l = tl.load(l_ptr + row)
-    target = tl.load(t_ptr + row)
-    # grad_out read on the device: no host sync between forward and backward.
-    scale = tl.load(grad_out_ptr).to(tl.float32) * inv_n
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < V
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        p = tl.exp((x - m) - l)
-        g = (p - tl.where(cols == target, 1.0, 0.0)) * scale
-        tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
+    nll = l - (x_t - m)  # -log softmax(x)[t], with x - m exact for huge logits
+    smooth = l - (total / V - m)  # -mean_j log softmax(x)[j]
+    loss = (1.0 - eps) * nll + eps * smooth
+    tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
+    if WRITE_GRAD:
+        g_row = g_ptr + row * stride_g
+        scale = tl.where(ignored, 0.0, tl.load(scale_ptr + row).to(tl.float32))
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < V
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            p = tl.exp((x - m) - l)
+            g = (p - eps / V - tl.where(cols == target, 1.0 - eps, 0.0)) * scale
+            g = tl.where(ignored, 0.0, g)
+            tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
 def ce_block_v(n_classes: int) -> int:
@@ -97,56 +91,23 @@ def _num_warps(block_v: int) -> int:
     return 8 if block_v >= 2048 else 4
 
 
-def ce_forward(logits: torch.Tensor, target: torch.Tensor, block_v: int):
-    """(row_max, row_logsum, row_loss), float32 [N], by the forward kernel (logits: unit column stride)."""
+def triton_loss(logits, target, ignore_index, label_smoothing, grad_mode=0, row_scale=None, block_v=None):
+    """(row_loss float32 [N], gradient or None) by the Triton kernel; the row loss kernel interface of
+    minilib.kernels (grad_mode 1: a new tensor, 2: over the logits; only where row_scale is given)."""
     N, V = logits.shape
-    stats = torch.empty(3, N, dtype=torch.float32, device=logits.device)
-    row_max, row_logsum, row_loss = stats[0], stats[1], stats[2]
+    block_v = block_v or ce_block_v(V)
+    row_loss = torch.empty(N, dtype=torch.float32, device=logits.device)
+    grad = None
+    if row_scale is not None:
+        grad = logits if grad_mode == 2 else torch.empty(N, V, dtype=logits.dtype, device=logits.device)
     if N > 0:
-        _ce_forward_kernel[(N,)](
-            logits, logits.stride(0), target, row_max, row_logsum, row_loss, V,
-            BLOCK_V=block_v, num_warps=_num_warps(block_v),
+        _ce_kernel[(N,)](
+            logits, logits.stride(0), target, row_loss,
+            logits if grad is None else grad, V if grad is None else grad.stride(0),
+            row_loss if row_scale is None else row_scale, V, ignore_index, float(label_smoothing),
+            WRITE_GRAD=grad is not None, BLOCK_V=block_v, num_warps=_num_warps(block_v),
         )  # fmt: skip
-    return row_max, row_logsum, row_loss
-
-
-def ce_backward(logits, target, row_max, row_logsum, grad_out: torch.Tensor, block_v: int) -> torch.Tensor:
-    """(softmax(logits) - onehot(target)) * grad_out / N, a new contiguous tensor of logits' dtype."""
-    N, V = logits.shape
-    grad = torch.empty(N, V, dtype=logits.dtype, device=logits.device)
-    if N > 0:
-        _ce_backward_kernel[(N,)](
-            logits, logits.stride(0), grad, grad.stride(0), target, row_max, row_logsum,
-            grad_out.reshape(1), 1.0 / N, V, BLOCK_V=block_v, num_warps=_num_warps(block_v),
-        )  # fmt: skip
-    return grad
-
-
-class TritonCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy through the Triton kernels; saves three float32 numbers per row for backward."""
-
-    @staticmethod
-    def forward(ctx, logits, target, block_v):
-        row_max, row_logsum, row_loss = ce_forward(logits, target, block_v)
-        ctx.save_for_backward(logits, target, row_max, row_logsum)
-        ctx.block_v = block_v
-        return (row_loss.sum() / logits.shape[0]).to(logits.dtype)
-
-    @staticmethod
-    @once_differentiable  # the backward is a kernel, not a graph: no second derivative
-    def backward(ctx, grad_out):
-        logits, target, row_max, row_logsum = ctx.saved_tensors
-        grad = ce_backward(logits, target, row_max, row_logsum, grad_out.contiguous(), ctx.block_v)
-        return grad, None, None
-
-
-def cross_entropy_fixed(
-    logits: torch.Tensor, target: torch.Tensor, block_v: int | None = None
-) -> torch.Tensor:
-    """The Triton cross-entropy with an explicit block width (no checks; for tests and the interpreter)."""
-    if logits.shape[1] > 1 and logits.stride(1) != 1:
-        logits = logits.contiguous()
-    return TritonCrossEntropy.apply(logits, target.contiguous(), block_v or ce_block_v(logits.shape[1]))
+    return row_loss, grad
 
 
 # --------------------------------------------------------------------------------------------

@@ -906,6 +906,171 @@ BAD += _callbacks_rows()
 
 # ------------------------------------------------------------------------ minilib.kernels
 
+from minilib import kernels  # noqa: E402  (imported in its own section: the sections merge independently)
+
+_fce, _flce = kernels.fused_cross_entropy, kernels.fused_linear_cross_entropy
+_y3 = torch.tensor([0, 1, 2])
+
+BAD += [
+    Bad(
+        "fused_cross_entropy: logits a list",
+        lambda: _fce([[0.5, 0.5]], torch.tensor([0])),
+        TypeError,
+        r"logits",
+    ),
+    Bad(
+        "fused_cross_entropy: integer logits named logits",
+        lambda: _fce(torch.ones(3, 5, dtype=torch.int64), _y3),
+        ValueError,
+        r"fused_cross_entropy: logits must be a floating-point",
+        defect=True,
+    ),
+    Bad(
+        "fused_cross_entropy: 1-D logits", lambda: _fce(t(5), torch.tensor([0])), ValueError, r"logits .*2-D"
+    ),
+    Bad("fused_cross_entropy: int32 target", lambda: _fce(t(3, 5), _y3.int()), ValueError, r"target"),
+    Bad("fused_cross_entropy: target per element", lambda: _fce(t(3, 5), _y3[:2]), ValueError, r"target"),
+    Bad(
+        "fused_cross_entropy: class 5 of 5",
+        lambda: _fce(t(3, 5), torch.tensor([0, 5, 1])),
+        IndexError,
+        r"target",
+    ),
+    Bad(
+        "fused_cross_entropy: -1 is not ignore_index",
+        lambda: _fce(t(3, 5), torch.tensor([0, -1, 1])),
+        IndexError,
+        r"target holds class -1 at position 1",
+    ),
+    Bad(
+        "fused_cross_entropy: an empty batch names logits",
+        lambda: _fce(t(0, 5), torch.zeros(0, dtype=torch.int64)),
+        ValueError,
+        r"fused_cross_entropy: logits must be a batch of at least one row",
+        defect=True,
+    ),
+    Bad(
+        "fused_cross_entropy: weight= is refused",
+        lambda: _fce(t(3, 5), _y3, weight=torch.ones(5)),
+        TypeError,
+        r"fused_cross_entropy: weight=",
+    ),
+    Bad(
+        "fused_cross_entropy: reduction typo",
+        lambda: _fce(t(3, 5), _y3, reduction="avg"),
+        ValueError,
+        r"reduction",
+    ),
+    Bad(
+        "fused_cross_entropy: smoothing 1.5",
+        lambda: _fce(t(3, 5), _y3, label_smoothing=1.5),
+        ValueError,
+        r"label_smoothing",
+    ),
+    Bad(
+        "fused_cross_entropy: ignore_index a str",
+        lambda: _fce(t(3, 5), _y3, ignore_index="pad"),
+        TypeError,
+        r"ignore_index",
+    ),
+    Bad(
+        "fused_cross_entropy: target on another device",
+        lambda: _fce(t(3, 5), _y3.to("meta")),
+        ValueError,
+        r"logits and target must be on one device",
+    ),
+    Bad(
+        "fused_linear_cross_entropy: input a list",
+        lambda: _flce([[1.0]], t(5, 1), torch.tensor([0])),
+        TypeError,
+        r"input",
+    ),
+    Bad(
+        "fused_linear_cross_entropy: H differs",
+        lambda: _flce(t(3, 4), t(5, 6), _y3),
+        ValueError,
+        r"linear_weight must be \[V, H\] with H = input's 4 columns",
+    ),
+    Bad(
+        "fused_linear_cross_entropy: bias length",
+        lambda: _flce(t(3, 4), t(5, 4), _y3, linear_bias=t(4)),
+        ValueError,
+        r"linear_bias",
+    ),
+    Bad(
+        "fused_linear_cross_entropy: dtypes differ",
+        lambda: _flce(t(3, 4), t(5, 4, dtype=torch.float64), _y3),
+        ValueError,
+        r"input and linear_weight must have one dtype, got input float32, linear_weight float64",
+    ),
+    Bad(
+        "fused_linear_cross_entropy: 2-D target",
+        lambda: _flce(t(3, 4), t(5, 4), _y3[:, None]),
+        ValueError,
+        r"target",
+    ),
+    Bad(
+        "fused_linear_cross_entropy: class beyond the weight's rows",
+        lambda: _flce(t(3, 4), t(5, 4), torch.tensor([0, 9, 1])),
+        IndexError,
+        r"target holds class 9 .* linear_weight has only 5 classes",
+    ),
+    Bad(
+        "fused_linear_cross_entropy: an empty batch",
+        lambda: _flce(t(0, 4), t(5, 4), torch.zeros(0, dtype=torch.int64)),
+        ValueError,
+        r"input must be a batch of at least one row",
+    ),
+    Bad(
+        "fused_linear_cross_entropy: weight=",
+        lambda: _flce(t(3, 4), t(5, 4), _y3, weight=t(5)),
+        TypeError,
+        r"weight=",
+    ),
+    Bad(
+        "triton_matmul: a a list",
+        lambda: kernels.triton_matmul([[1.0]], t(1, 1)),
+        TypeError,
+        r"triton_matmul: a ",
+    ),
+    Bad(
+        "triton_matmul: int b",
+        lambda: kernels.triton_matmul(t(2, 3), torch.ones(3, 2, dtype=torch.int64)),
+        ValueError,
+        r"b must",
+    ),
+    Bad(
+        "triton_matmul: inner sizes",
+        lambda: kernels.triton_matmul(t(2, 3), t(2, 3)),
+        ValueError,
+        r"a is 2x3 but b is 2x3",
+    ),
+]
+
+UNTOUCHED += [
+    Untouched(
+        "fused_cross_entropy",
+        lambda x, y: _fce(x, y, label_smoothing=0.1),
+        lambda: (t(4, 7), torch.tensor([0, 6, -100, 2])),
+    ),
+    Untouched(
+        "fused_cross_entropy forward+backward",
+        lambda x, y: _fce(x.detach().requires_grad_(), y).backward(),
+        lambda: (t(4, 7), torch.tensor([0, 6, 3, 2])),
+    ),
+    Untouched(
+        "fused_linear_cross_entropy forward+backward",
+        lambda x, w, b, y: _flce(
+            x.detach().requires_grad_(),
+            w.detach().requires_grad_(),
+            y,
+            linear_bias=b.detach().requires_grad_(),
+        ).backward(),
+        lambda: (t(5, 3), t(7, 3), t(7), torch.tensor([0, 6, -100, 2, 1])),
+    ),
+]
+
+
 # ------------------------------------------------------------------------ minilib.distributed
 
 

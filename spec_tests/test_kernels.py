@@ -6,16 +6,26 @@ read one number per row back. Per row, the loss needs just two numbers: logsumex
 ``minilib.kernels.fused_cross_entropy`` reads each row once, keeping a running max and a running
 sum of exponentials (the online softmax), so it moves N x V numbers once instead of three or four
 times and allocates no N x V temporary. Its backward needs three numbers per row and writes the
-gradient, softmax - onehot, in one sweep. On the CPU it is a C++ kernel built on first use (with a
-chunked torch fallback); on CUDA, Triton kernels, which these tests run in Triton's interpreter
-(``TRITON_INTERPRET=1``) when there is no GPU. Last, 01_matmul's triple loop, tiled: Triton's
-matmul with grouped tile order, checked against torch in the interpreter on small shapes.
+gradient, softmax - onehot, in one sweep; when the logits need a gradient it writes it in the forward's
+own sweep, while each row is in cache, so a training step reads the logits once and writes the gradient
+once. It takes F.cross_entropy's keywords (``reduction``, ``ignore_index`` for padding tokens,
+``label_smoothing``), and its second derivatives are PyTorch's own. On the CPU it is a C++ kernel built
+on first use (with a chunked torch fallback); on CUDA, Triton kernels, which these tests run in
+Triton's interpreter (``TRITON_INTERPRET=1``) when there is no GPU.
+
+Then lesson 01's matmul and lesson 03's loss together: a language model's last layer writes [N, V]
+logits (x @ W.T) only for the loss to read them. ``fused_linear_cross_entropy`` never holds them: a
+chunk of rows goes through the matmul into one reused buffer, the fused loss turns it into its
+gradient in place, and two more matmuls give that chunk's share of the input's and the weight's
+gradients. Last, 01_matmul's triple loop, tiled: Triton's matmul with grouped tile order, checked
+against torch in the interpreter on small shapes.
 Everything is compared with ``F.cross_entropy``/``torch.matmul``, in float64 where precision is
 not the point; speed is the benchmarks' job (benchmarks/), not these tests'.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -27,7 +37,7 @@ from hypothesis import strategies as st
 
 from minilib import _cpu_cross_entropy as cpu_ce
 from minilib import kernels
-from minilib.kernels import fused_cross_entropy, triton_matmul
+from minilib.kernels import fused_cross_entropy, fused_linear_cross_entropy, triton_matmul
 from minilib.loss import cross_entropy as lesson_cross_entropy
 from minilib.testing import test_near
 
@@ -41,27 +51,49 @@ except ImportError:
 CUDA = torch.cuda.is_available()
 
 
-def reference(logits, target, grad_out=1.0):
+def reference(logits, target, grad_out=1.0, **options):
     """F.cross_entropy in float64 and its gradient: the yardstick for every path."""
     x = logits.detach().double().requires_grad_()
-    loss = F.cross_entropy(x, target)
-    (loss * grad_out).backward()
+    loss = F.cross_entropy(x, target, **options)
+    (loss * grad_out).sum().backward()
     return loss.detach(), x.grad
 
 
-def fused_with_grad(logits, target, fn=fused_cross_entropy, grad_out=1.0):
+def fused_with_grad(logits, target, fn=fused_cross_entropy, grad_out=1.0, **options):
     x = logits.detach().clone().requires_grad_()
-    loss = fn(x, target)
-    (loss * grad_out).backward()
+    loss = fn(x, target, **options)
+    (loss * grad_out).sum().backward()
     return loss.detach(), x.grad
 
 
-def assert_matches_reference(logits, target, fn=fused_cross_entropy, grad_out=1.0):
-    loss, grad = fused_with_grad(logits, target, fn, grad_out)
-    ref_loss, ref_grad = reference(logits, target, grad_out)
+def assert_matches_reference(logits, target, fn=fused_cross_entropy, grad_out=1.0, **options):
+    loss, grad = fused_with_grad(logits, target, fn, grad_out, **options)
+    ref_loss, ref_grad = reference(logits, target, grad_out, **options)
     assert loss.dtype == logits.dtype and grad.dtype == logits.dtype and grad.shape == logits.shape
-    test_near(loss.double(), ref_loss)
+    if ref_loss.isnan().all():  # a mean over targets that are all ignored: nan, as PyTorch gives
+        assert loss.isnan().all(), loss
+    else:
+        test_near(loss.double(), ref_loss)
     test_near(grad.double(), ref_grad)
+
+
+def by_kernel(kernel, one_sweep=False):
+    """fused_cross_entropy through one chosen path (C++, chunked torch, Triton), keywords and all."""
+    return functools.partial(kernels._apply_fused, kernel, one_sweep=one_sweep)
+
+
+CPU_PATHS = {
+    "cpp, one sweep": lambda: by_kernel(cpu_ce.cpp_loss, one_sweep=True),
+    "cpp, two sweeps": lambda: by_kernel(cpu_ce.cpp_loss),
+    "chunked torch, one sweep": lambda: by_kernel(cpu_ce.chunked_loss, one_sweep=True),
+    "chunked torch, two sweeps": lambda: by_kernel(cpu_ce.chunked_loss),
+}
+
+
+def cpu_path(name):
+    if name.startswith("cpp") and cpu_ce.load_extension() is None:
+        pytest.skip(f"the C++ kernel could not be built here: {kernels.cpu_backend()}")
+    return CPU_PATHS[name]()
 
 
 def logits_and_target(n, v, scale=1.0, dtype=torch.float32):
@@ -206,29 +238,176 @@ def test_result_keeps_dtype_and_bfloat16_is_within_bfloat16_tolerance():
         (
             torch.tensor([0, 7, 1]),
             IndexError,
-            "target holds class 7 at position 1, but input has only 5 classes",
+            "target holds class 7 at position 1, but logits has only 5 classes",
         ),
         (torch.tensor([0, -1, 1]), IndexError, "target holds class -1"),
         (torch.tensor([0, 1, 1], dtype=torch.int32), ValueError, "target must be int64"),
-        (torch.tensor([0, 1]), ValueError, "target must be 1-D with one class per row"),
+        (torch.tensor([0, 1]), ValueError, "target must be 1-D with one class per row of logits"),
     ],
 )
 def test_bad_targets_fail_like_the_lessons_loss(target, error, match):
-    """Bad targets get the loss module's errors, named after this function, before any kernel runs:
-    a class outside [0, V) would otherwise read outside the row."""
+    """Bad targets get the contract's errors, named after this function and its arguments, before any
+    kernel runs: a class outside [0, V) would otherwise read outside the row."""
     with pytest.raises(error, match=match) as info:
         fused_cross_entropy(torch.randn(3, 5), target)
     assert "fused_cross_entropy" in str(info.value)
 
 
 def test_bad_logits_fail_early():
-    """Integer scores, a 1-D input or a list are rejected with the function's name and what was expected."""
-    with pytest.raises(ValueError, match="fused_cross_entropy: input must be a floating-point tensor"):
+    """Integer scores, a 1-D input or a list are rejected with the function's name, the argument's own
+    name (``logits``, as the signature spells it) and what was expected."""
+    with pytest.raises(ValueError, match="fused_cross_entropy: logits must be a floating-point tensor"):
         fused_cross_entropy(torch.ones(3, 5, dtype=torch.int64), torch.tensor([0, 1, 2]))
-    with pytest.raises(TypeError, match="fused_cross_entropy: input must be a torch.Tensor"):
+    with pytest.raises(TypeError, match="fused_cross_entropy: logits must be a torch.Tensor"):
         fused_cross_entropy([[0.5, 0.5]], torch.tensor([0]))
-    with pytest.raises(ValueError, match=r"fused_cross_entropy: input must be 2-D \[N, C\]"):
+    with pytest.raises(ValueError, match=r"fused_cross_entropy: logits must be 2-D \[N, V\]"):
         fused_cross_entropy(torch.randn(5), torch.tensor([0]))
+
+
+# --- F.cross_entropy's keywords: what a language model's training needs ---------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    path=st.sampled_from(list(CPU_PATHS)),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    ignore_index=st.sampled_from([-100, 0, 3]),
+    label_smoothing=st.sampled_from([0.0, 0.1, 1.0]),
+    n=st.integers(1, 9),
+    v=st.integers(4, 3000),
+    seed=st.integers(0, 2**16),
+)
+def test_keywords_match_f_cross_entropy_on_every_cpu_path(
+    path, reduction, ignore_index, label_smoothing, n, v, seed
+):
+    """reduction, ignore_index (padding tokens) and label_smoothing mean what they mean in F.cross_entropy,
+    on the C++ kernel and the torch fallback, in one sweep (gradient written by the forward) and in two
+    (written by the backward): the loss and the gradient, under a grad_out that is not 1 (a scalar for
+    'mean'/'sum', a vector for 'none'), match float64 F.cross_entropy."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, v, generator=g) * 3
+    y = torch.randint(0, v, (n,), generator=g)
+    y[torch.rand(n, generator=g) < 0.3] = ignore_index  # some rows are padding
+    grad_out = torch.rand(n, generator=g) + 0.5 if reduction == "none" else 2.5
+    options = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    assert_matches_reference(x, y, fn=cpu_path(path), grad_out=grad_out, **options)
+
+
+def test_padding_rows_contribute_nothing_and_the_mean_is_over_the_rest():
+    """Targets equal to ignore_index (-100, PyTorch's padding default) add nothing to the loss or the
+    gradient: their 'none' losses and their gradient rows are exactly 0, and 'mean' divides by the
+    number of rows that are not padding."""
+    x, y = logits_and_target(6, 50)
+    y[[1, 4]] = -100
+    per_row, grad = fused_with_grad(x, y, reduction="none")
+    assert per_row[1] == 0 and per_row[4] == 0 and not grad[[1, 4]].any()
+    mean = fused_cross_entropy(x, y)
+    test_near(mean, per_row.sum() / 4)
+    assert_matches_reference(x, y)
+
+
+def test_all_targets_ignored_gives_nan_loss_and_zero_gradient_as_pytorch():
+    """A batch of nothing but padding: 'mean' is 0 / 0, a nan loss, with an all-zero gradient, exactly
+    what F.cross_entropy gives; 'sum' is 0."""
+    x = torch.randn(3, 10, requires_grad=True)
+    y = torch.full((3,), -100)
+    loss = fused_cross_entropy(x, y)
+    loss.backward()
+    ref = F.cross_entropy(x.detach(), y)
+    assert torch.isnan(loss) and torch.isnan(ref)
+    assert torch.equal(x.grad, torch.zeros(3, 10))
+    assert fused_cross_entropy(x, y, reduction="sum").item() == 0.0
+
+
+def test_the_gradient_is_written_in_the_forward_sweep():
+    """When the logits need a gradient, the forward writes it while each row is still in cache (one read
+    of the logits, one write of the gradient for a whole training step); the backward only hands it over.
+    Seen in memory: the forward allocates the N x V gradient, the backward nothing of that size; under
+    torch.no_grad (an evaluation loop) the forward writes no gradient at all."""
+    if cpu_ce.load_extension() is None or not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs the C++ kernel and Linux /proc/self/clear_refs")
+    n, v = 1024, 32768
+    nv_mb = n * v * 4 / 2**20
+    x = torch.randn(n, v).requires_grad_()
+    y = torch.randint(0, v, (n,))
+    with torch.no_grad():
+        no_grad = _peak_extra_rss_mb(lambda: fused_cross_entropy(x, y))
+    assert no_grad < 16, f"a forward under no_grad added {no_grad:.0f} MiB"
+    losses = []
+    fwd = _peak_extra_rss_mb(lambda: losses.append(fused_cross_entropy(x, y)))
+    bwd = _peak_extra_rss_mb(lambda: losses[0].backward())
+    assert fwd > 0.9 * nv_mb, f"forward added {fwd:.0f} MiB, the gradient is {nv_mb:.0f} MiB"
+    assert bwd < 16, f"backward added {bwd:.0f} MiB: it should write nothing N x V"
+    test_near(x.grad.double(), reference(x, y)[1])
+
+
+def test_the_gradient_memory_is_reused_only_once_nobody_holds_it():
+    """A fresh N x V gradient costs a page fault per page on its first write, which on this machine took
+    longer than computing it. So the C++ path keeps the gradient's buffer and writes the next step's
+    gradient into it, but only once the caller has let go of the last one (x.grad = None, as
+    zero_grad() does): a gradient still held, or a view of it, is never overwritten."""
+    if cpu_ce.load_extension() is None:
+        pytest.skip(f"the C++ kernel could not be built here: {kernels.cpu_backend()}")
+    x, y = logits_and_target(8, 300)
+    x.requires_grad_()
+
+    def step():
+        x.grad = None
+        fused_cross_entropy(x, y).backward()
+        return x.grad
+
+    held = step()
+    kept = held.clone()
+    view = step()[2:4]  # the first gradient is still held: a new buffer, and this one's view is kept
+    assert held.data_ptr() != view.data_ptr()
+    step()
+    assert torch.equal(held, kept), "a gradient the caller holds was overwritten"
+    ptr = x.grad.data_ptr()
+    del held, view
+    assert step().data_ptr() == ptr, "the released buffer was not reused"
+    test_near(x.grad.double(), reference(x, y)[1])
+
+
+def test_a_retained_graph_gives_the_same_gradient_twice():
+    """The forward's gradient is handed over once; a second backward through a retained graph writes it
+    again from the logits, so the two accumulate to twice the gradient, as with F.cross_entropy."""
+    x, y = logits_and_target(5, 40)
+    x.requires_grad_()
+    loss = fused_cross_entropy(x, y, label_smoothing=0.2)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    test_near(x.grad.double(), 2 * reference(x, y, label_smoothing=0.2)[1])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_second_derivatives_are_pytorchs(reduction):
+    """A gradient penalty differentiates the gradient itself (create_graph=True). A fused backward is a
+    kernel, not a graph, so with create_graph the gradient is taken through F.cross_entropy's own graph
+    instead: right, never silently wrong (before, the penalty's gradient came out wrong without error)."""
+    x, y = logits_and_target(6, 30, scale=2.0)
+    y[2] = -100
+    grads = []
+    for fn in (fused_cross_entropy, F.cross_entropy):
+        xi = x.double().requires_grad_()
+        loss = fn(xi, y, reduction=reduction, label_smoothing=0.1).sum()
+        (g,) = torch.autograd.grad(loss, xi, create_graph=True)
+        (loss + (g**2).sum()).backward()
+        grads.append(xi.grad)
+    test_near(grads[0], grads[1])
+
+
+def test_unsupported_keywords_and_an_empty_batch_are_refused():
+    """weight= (class weights) is not supported: a TypeError naming it, not a silent unweighted loss. An
+    empty batch is a ValueError naming logits; options are checked like the rest of the contract."""
+    x, y = logits_and_target(3, 5)
+    with pytest.raises(TypeError, match="fused_cross_entropy: weight="):
+        fused_cross_entropy(x, y, weight=torch.ones(5))
+    with pytest.raises(ValueError, match="fused_cross_entropy: logits must be a batch of at least one row"):
+        fused_cross_entropy(torch.randn(0, 5), torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(ValueError, match="fused_cross_entropy: reduction must be one of"):
+        fused_cross_entropy(x, y, reduction="avg")
+    with pytest.raises(ValueError, match="fused_cross_entropy: label_smoothing must be in"):
+        fused_cross_entropy(x, y, label_smoothing=1.5)
 
 
 # --- The fallback and the memory it saves ---------------------------------------------------
@@ -238,8 +417,9 @@ def test_fallback_equals_the_compiled_kernel():
     """Where the C++ build fails, the chunked torch path runs instead: the same algorithm in torch ops, a
     chunk of rows at a time. It must give what the compiled kernel gives (both against float64)."""
     x, y = logits_and_target(40, 3000, scale=5.0)
-    assert_matches_reference(x, y, fn=cpu_ce.ChunkedCrossEntropy.apply)
-    chunked_loss, chunked_grad = fused_with_grad(x, y, cpu_ce.ChunkedCrossEntropy.apply)
+    chunked = by_kernel(cpu_ce.chunked_loss, one_sweep=True)
+    assert_matches_reference(x, y, fn=chunked)
+    chunked_loss, chunked_grad = fused_with_grad(x, y, chunked)
     fused_loss, fused_grad = fused_with_grad(x, y)
     test_near(chunked_loss, fused_loss)
     test_near(chunked_grad, fused_grad)
@@ -300,7 +480,7 @@ def test_fused_forward_allocates_no_n_by_v_temporary():
     fused_cross_entropy(x[:2, :100], y[:2] % 100)  # load the kernel first: its code is not the point
     torch_fwd = _peak_extra_rss_mb(lambda: F.cross_entropy(x, y))
     fused_fwd = _peak_extra_rss_mb(lambda: fused_cross_entropy(x, y))
-    chunked_fwd = _peak_extra_rss_mb(lambda: cpu_ce.ChunkedCrossEntropy.apply(x, y))
+    chunked_fwd = _peak_extra_rss_mb(lambda: by_kernel(cpu_ce.chunked_loss)(x, y))
     assert torch_fwd > 0.9 * nv_mb, (
         f"F.cross_entropy's forward added only {torch_fwd:.0f} MiB"
     )  # the test sees it
@@ -318,6 +498,144 @@ def test_fused_forward_allocates_no_n_by_v_temporary():
     fused_both = _peak_extra_rss_mb(fused_fwd_bwd)
     assert fused_both < nv_mb + 16, (
         f"fused forward+backward added {fused_both:.0f} MiB; the gradient is {nv_mb:.0f}"
+    )
+
+
+# --- Lesson 01's matmul and lesson 03's loss without the logits -------------------------------------
+
+
+def linear_problem(n, h, v, bias=True, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, h, generator=g).to(dtype)
+    w = (torch.randn(v, h, generator=g) / math.sqrt(h)).to(dtype)  # logits of order 1, as after init
+    b = torch.randn(v, generator=g).to(dtype) if bias else None
+    y = torch.randint(0, v, (n,), generator=g)
+    return x, w, b, y
+
+
+def linear_with_grads(fn, x, w, b, y, grad_out=1.0, **options):
+    """(loss, grad of input, of weight, of bias) of ``fn(input, linear_weight, target, linear_bias=...)``."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    loss = fn(leaves[0], leaves[1], y, linear_bias=leaves[2], **options)
+    (loss * grad_out).sum().backward()
+    return [loss.detach()] + [t.grad for t in leaves if t is not None]
+
+
+def assert_linear_matches_pytorch(x, w, b, y, fn=fused_linear_cross_entropy, grad_out=1.0, **options):
+    """Loss and the gradients of input, weight and bias against F.linear_cross_entropy in float64, each
+    compared at the scale of the reference (a 'sum' loss grows with N)."""
+    got = linear_with_grads(fn, x, w, b, y, grad_out, **options)
+    x64, w64, b64 = (t.double() if t is not None else None for t in (x, w, b))
+    want = linear_with_grads(F.linear_cross_entropy, x64, w64, b64, y, grad_out, **options)
+    for name, a, r in zip(["loss", "input grad", "weight grad", "bias grad"], got, want, strict=False):
+        assert a.dtype == x.dtype, (name, a.dtype)
+        scale = max(1.0, r.abs().max().item())
+        diff = (a.double() - r).abs().max().item() / scale
+        assert diff < 1e-5, f"{name}: max difference {diff:.2e} (relative to {scale:.2e})"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_linear_equals_pytorchs_linear_cross_entropy_in_float64(reduction, bias):
+    """fused_linear_cross_entropy is F.linear_cross_entropy (PyTorch's signature and meaning): the loss and
+    the gradients of input, linear_weight and linear_bias, with padding rows and label smoothing, over
+    several chunks (float64 goes through the chunked torch loss; the matmuls are torch's)."""
+    x, w, b, y = linear_problem(70, 24, 300, bias)
+    y[::7] = -100
+    grad_out = torch.rand(70, dtype=torch.float64) + 0.5 if reduction == "none" else 1.7
+    assert_linear_matches_pytorch(x, w, b, y, grad_out=grad_out, reduction=reduction, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_linear_in_float32_is_within_the_lessons_tolerance(reduction):
+    """float32, the C++ loss kernel on each chunk: within the lesson's tolerance of float64 PyTorch."""
+    x, w, b, y = linear_problem(100, 32, 1000, dtype=torch.float32, seed=1)
+    y[3] = -100
+    got = linear_with_grads(fused_linear_cross_entropy, x, w, b, y, reduction=reduction)
+    want = linear_with_grads(
+        F.linear_cross_entropy, x.double(), w.double(), b.double(), y, reduction=reduction
+    )
+    for a, r in zip(got, want, strict=True):
+        assert a.dtype == torch.float32
+        scale = max(1.0, r.abs().max().item())
+        test_near(a.double() / scale, r / scale)
+
+
+@pytest.mark.parametrize("n", [1, 10, 17])
+def test_chunk_boundaries_change_nothing(monkeypatch, n):
+    """Rows go through the matmul a chunk at a time; with a chunk of 3 rows, N = 1 (one partial chunk),
+    N = 10 (a last chunk of one row) and 17 give PyTorch's loss and gradients all the same."""
+    monkeypatch.setattr(kernels, "LINEAR_CHUNK_ELEMENTS", 3 * 40)
+    monkeypatch.setattr(kernels, "LINEAR_CHUNK_FRACTION", 1)
+    assert kernels.linear_chunk_rows(n, 40) == min(n, 3)
+    x, w, b, y = linear_problem(n, 8, 40)
+    assert_linear_matches_pytorch(x, w, b, y, label_smoothing=0.05)
+
+
+def test_half_precision_accumulates_the_weight_gradient_in_float32():
+    """bfloat16 input and weight: each chunk's logits and products are bfloat16, as in F.linear, but the
+    weight's gradient is summed over the chunks in float32, so it stays within bfloat16's rounding of the
+    float64 gradient however many chunks there are."""
+    x, w, b, y = linear_problem(256, 16, 500, dtype=torch.bfloat16, seed=2)
+    _, gx, gw, gb = linear_with_grads(fused_linear_cross_entropy, x, w, b, y)
+    _, rx, rw, rb = linear_with_grads(F.linear_cross_entropy, x.double(), w.double(), b.double(), y)
+    assert gw.dtype == torch.bfloat16
+    for name, a, r in (("input", gx, rx), ("weight", gw, rw), ("bias", gb, rb)):
+        err = (a.double() - r).abs().max() / r.abs().max()
+        assert err < 2e-2, f"{name} grad: relative error {err:.2e}"
+
+
+def test_fused_linear_second_derivatives_and_errors():
+    """Same second-derivative rule as fused_cross_entropy (through PyTorch's graph); a weight whose H does
+    not match the input's, or a dtype mismatch, names the arguments."""
+    x, w, b, y = linear_problem(5, 4, 9)
+    xs = [t.clone().requires_grad_() for t in (x, w)]
+    penalties = []
+    for fn in (fused_linear_cross_entropy, F.linear_cross_entropy):
+        xi, wi = (t.detach().clone().requires_grad_() for t in (x, w))
+        loss = fn(xi, wi, y, linear_bias=b)
+        gx, gw = torch.autograd.grad(loss, (xi, wi), create_graph=True)
+        ((gx**2).sum() + (gw**2).sum()).backward()
+        penalties.append((xi.grad, wi.grad))
+    test_near(penalties[0][0], penalties[1][0])
+    test_near(penalties[0][1], penalties[1][1])
+    with pytest.raises(ValueError, match="fused_linear_cross_entropy: linear_weight must be"):
+        fused_linear_cross_entropy(xs[0], torch.randn(9, 5, dtype=torch.float64), y)
+    with pytest.raises(ValueError, match="input and linear_weight must have one dtype"):
+        fused_linear_cross_entropy(x, w.float(), y)
+
+
+@pytest.mark.skipif(
+    not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs"
+)
+def test_fused_linear_never_holds_the_logits():
+    """Why fuse the matmul into the loss: at (N, H, V) = (1024, 32, 32768) float32 the logits are 128 MiB,
+    32x the weight. PyTorch's default linear_cross_entropy holds them (and their gradient) whole; the
+    fused version's peak over a forward+backward, beyond the gradients it returns, is one chunk buffer: at
+    most an eighth of the logits (the contract's bound), counted in bytes and measured."""
+    n, h, v = 1024, 32, 32768
+    logits_mb = n * v * 4 / 2**20
+    x, w, _, y = linear_problem(n, h, v, bias=False, dtype=torch.float32)
+    chunk_mb = kernels.linear_chunk_rows(n, v) * v * 4 / 2**20
+    assert chunk_mb <= logits_mb / 8, (chunk_mb, logits_mb)
+    returned_mb = (x.numel() + w.numel()) * 4 / 2**20
+    fused_linear_cross_entropy(x[:4], w[:50], y[:4] % 50)  # load the kernel first: its code is not the point
+
+    def step(fn):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()  # inputs, made before measuring
+
+        def run():
+            fn(xi, wi, y).backward()
+            return xi.grad, wi.grad
+
+        return _peak_extra_rss_mb(run) - returned_mb
+
+    torch_mb = step(F.linear_cross_entropy)
+    fused_mb = step(fused_linear_cross_entropy)
+    print(f"extra MiB beyond the gradients: F.linear_cross_entropy {torch_mb:.0f}, fused {fused_mb:.0f}")
+    assert torch_mb > 0.9 * logits_mb, f"F.linear_cross_entropy added only {torch_mb:.0f} MiB"
+    assert fused_mb <= logits_mb / 8, (
+        f"fused forward+backward added {fused_mb:.0f} MiB beyond its gradients (logits: {logits_mb:.0f} MiB)"
     )
 
 
@@ -344,7 +662,7 @@ def test_triton_cross_entropy_matches_pytorch(n, v, block_v, dtype):
     device = triton_device()
     x = (torch.randn(n, v) * 4).to(dtype).to(device)
     y = torch.randint(0, v, (n,)).to(device)
-    loss, grad = fused_with_grad(x, y, fn=lambda a, b: tk.cross_entropy_fixed(a, b, block_v))
+    loss, grad = fused_with_grad(x, y, fn=by_kernel(functools.partial(tk.triton_loss, block_v=block_v)))
     ref_loss, ref_grad = reference(x.cpu(), y.cpu())
     assert loss.dtype == dtype and grad.dtype == dtype
     if dtype == torch.float32:
@@ -365,11 +683,58 @@ def test_triton_cross_entropy_handles_extreme_and_strided_logits():
     y = torch.tensor([1, 4])
     for logits in (x, wide[:, 4:10]):
         loss, grad = fused_with_grad(
-            logits.to(device), y.to(device), fn=lambda a, b: tk.cross_entropy_fixed(a, b, 4)
+            logits.to(device), y.to(device), fn=by_kernel(functools.partial(tk.triton_loss, block_v=4))
         )
         ref_loss, ref_grad = reference(logits, y)
         test_near(loss.double().cpu(), ref_loss)
         test_near(grad.double().cpu(), ref_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_triton_cross_entropy_takes_the_keywords(reduction, dtype):
+    """The Triton kernel's ignore_index, label_smoothing and per-row gradient scale (read on the device:
+    no host sync), over several blocks, against float64 F.cross_entropy; float16 at float16's tolerance,
+    bfloat16 at the contract's (rtol 2e-2, atol 1e-3). The loss kernel has no tl.dot, so bfloat16 is
+    exact in the interpreter too."""
+    device = triton_device()
+    x = (torch.randn(6, 100) * 3).to(dtype)
+    y = torch.randint(0, 100, (6,))
+    y[[0, 4]] = 5
+    options = dict(reduction=reduction, ignore_index=5, label_smoothing=0.1)
+    grad_out = torch.rand(6) + 0.5 if reduction == "none" else 2.0
+    fn = by_kernel(functools.partial(tk.triton_loss, block_v=32))
+    loss, grad = fused_with_grad(x.to(device), y.to(device), fn, grad_out, **options)
+    ref_loss, ref_grad = reference(x, y, grad_out, **options)
+    assert loss.dtype == dtype and grad.dtype == dtype and not grad[[0, 4]].any()
+    if dtype == torch.float32:
+        test_near(loss.double().cpu(), ref_loss)
+        test_near(grad.double().cpu(), ref_grad)
+    else:
+        rtol, atol = (1e-3, 1e-4) if dtype == torch.float16 else (2e-2, 1e-3)
+        assert torch.allclose(loss.double().cpu(), ref_loss, rtol=rtol, atol=10 * atol), (loss, ref_loss)
+        assert torch.allclose(grad.double().cpu(), ref_grad, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_loss_inside_the_fused_linear_cross_entropy(dtype):
+    """On CUDA the fused linear cross-entropy runs the same chunks with the Triton loss kernel, which
+    overwrites each chunk of logits with its gradient in place; here in the interpreter, with several
+    chunks, against F.linear_cross_entropy (float16 at float16's tolerance)."""
+    device = triton_device()
+    x, w, b, y = linear_problem(40, 8, 70, dtype=torch.float64)
+    y[3] = -100
+    kernel = functools.partial(tk.triton_loss, block_v=32)
+    fn = functools.partial(kernels._apply_fused_linear, kernel, label_smoothing=0.1)
+    got = linear_with_grads(fn, *(t.to(dtype).to(device) for t in (x, w, b)), y.to(device))
+    want = linear_with_grads(F.linear_cross_entropy, x, w, b, y, label_smoothing=0.1)
+    for a, r in zip(got, want, strict=True):
+        assert a.dtype == dtype
+        if dtype == torch.float32:
+            test_near(a.double().cpu(), r)
+        else:
+            err = (a.double().cpu() - r).abs().max() / max(1.0, r.abs().max().item())
+            assert err < 1e-2, err
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -390,6 +755,19 @@ def test_triton_matmul_matches_torch(m, k, n, dtype):
         assert torch.allclose(c.cpu().double(), expected, rtol=1e-2, atol=1e-2), (
             (c.cpu().double() - expected).abs().max()
         )
+
+
+@pytest.mark.xfail(reason="Triton's interpreter computes bfloat16 tl.dot wrongly (numpy has no bfloat16)")
+def test_triton_matmul_in_bfloat16_in_the_interpreter():
+    """Why the interpreter tests stop at float16: there, a bfloat16 tl.dot comes out wrong by orders of
+    magnitude (it is right on a GPU, checked by the CUDA test below). Marked as an expected failure, so
+    that a Triton that fixes it shows up as XPASS."""
+    if triton_device() != "cpu":
+        pytest.skip("a claim about the interpreter")
+    a, b = torch.randn(32, 32).bfloat16(), torch.randn(32, 32).bfloat16()
+    c = tk.matmul_fixed(a, b, 16, 16, 16, group_m=2)
+    expected = a.double() @ b.double()
+    assert torch.allclose(c.double(), expected, rtol=1e-2, atol=1e-1)
 
 
 def test_triton_matmul_public_function_and_its_errors():
@@ -442,3 +820,20 @@ def test_cuda_triton_matmul_matches_cublas(dtype):
     expected = a.double() @ b.double()
     rel = (c.double() - expected).abs().max() / expected.abs().max()
     assert rel < (1e-5 if dtype == torch.float32 else 1e-2), rel
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not CUDA or tk is None or (tk is not None and tk.INTERPRET), reason="needs CUDA and compiled Triton"
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_fused_linear_cross_entropy_matches_pytorch(dtype):
+    """On a GPU, the fused linear cross-entropy (torch matmuls, the Triton loss in place) at a real
+    vocabulary size, against F.linear_cross_entropy in float64."""
+    x, w, b, y = linear_problem(512, 256, 32_000, dtype=torch.float64)
+    y[::9] = -100
+    got = linear_with_grads(fused_linear_cross_entropy, *(t.to(dtype).cuda() for t in (x, w, b)), y.cuda())
+    want = linear_with_grads(F.linear_cross_entropy, *(t.cuda() for t in (x, w, b)), y.cuda())
+    for a, r in zip(got, want, strict=True):
+        err = (a.double() - r).abs().max() / max(1.0, r.abs().max().item())
+        assert err < (1e-4 if dtype == torch.float32 else 2e-2), err

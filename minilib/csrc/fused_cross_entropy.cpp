@@ -1,11 +1,14 @@
-// Fused cross-entropy for CPU float32 (minilib.kernels; beyond lesson 03).
+// Fused cross-entropy for CPU float32 (minilib.kernels; beyond lesson 03), with F.cross_entropy's
+// ignore_index and label_smoothing, and, when a gradient is wanted, the gradient written in the same
+// sweep as the loss (so a training step reads the logits once and writes the gradient once).
 //
 // The lesson computes log_softmax(x), an N x V tensor, and then picks one entry per row (nll).
 // Only two numbers per row matter for the loss: logsumexp(x_i) and x_i[target_i]. This kernel
 // reads each row once, keeps a running max and a running sum of exponentials (the online
-// softmax), and writes no N x V temporary. The backward needs only the saved per-row max m_i and
-// log-sum l_i: d loss / d x_ij = (exp(x_ij - m_i - l_i) - [j == t_i]) * grad_out / N, written in
-// one sweep.
+// softmax), and writes no N x V temporary. The gradient, d loss / d x_ij =
+// (exp(x_ij - m_i - l_i) - (1 - eps) [j == t_i] - eps / V) * scale_i, is written by the same call
+// (row_loss_and_grad): each exp(x - shift) is stored as it is summed, and a second pass over the row,
+// still in cache, scales it; the logits are read from memory once.
 //
 // Where the speed comes from (F.cross_entropy writes log_softmax, N x V, then reads it back):
 // - one pass over memory and one exp per logit: each L1-sized block of a row is summed and
@@ -16,7 +19,8 @@
 // - rows shared among torch's intra-op threads (torch.set_num_threads applies here exactly as it
 //   does to F.cross_entropy), handed out in small batches as threads come free, so a thread that
 //   the OS pauses (a busy machine) does not hold up the rest;
-// - the backward writes the gradient once, into memory that asked for huge pages.
+// - the gradient is written once, into memory that asked for huge pages (or a reused buffer), or
+//   over the logits themselves (the fused linear cross-entropy's chunk buffer).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -139,20 +143,6 @@ inline float block_sum_exp_max(const float* __restrict x, int64_t n, float shift
   return s + s_tail;
 }
 
-// One row of the gradient: g[j] = exp(x[j] - m - l) * scale.
-inline void row_grad(const float* __restrict x, float* __restrict g, int64_t V, float m, float l, float scale) {
-  int64_t j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  const __m256 vm = _mm256_set1_ps(m), vl = _mm256_set1_ps(l), vs = _mm256_set1_ps(scale);
-  for (; j + 8 <= V; j += 8) {
-    const __m256 d = _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), vl);
-    _mm256_storeu_ps(g + j, _mm256_mul_ps(exp8(d), vs));
-  }
-#endif
-#pragma omp simd
-  for (int64_t k = j; k < V; ++k) g[k] = exp_approx((x[k] - m) - l) * scale;
-}
-
 // m and l = log(sum(exp(x - m))) for one row, in one pass over it. The shift m starts at x[0] and
 // is raised only when a block's max passes it by more than kHeadroom; then the running sum is
 // rescaled by exp(old - new) and that block (still in L1) is summed again. With a shift below the
@@ -225,66 +215,221 @@ void check_input(const torch::Tensor& logits, const torch::Tensor& target) {
   TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "fused_cross_entropy: target must be [N]");
 }
 
+// sum(x) over a row, in double across blocks (label smoothing needs the row's mean logit).
+inline double row_sum(const float* __restrict x, int64_t V) {
+  double total = 0.0;
+  for (int64_t b = 0; b < V; b += kBlock) {
+    const int64_t n = std::min(kBlock, V - b);
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < n; ++k) s += x[b + k];
+    total += s;
+  }
+  return total;
+}
+
+// The block's max (the block is then in L1 for the pass that follows). A NaN is not carried through
+// (std::max drops it); the sum of exponentials that follows carries it instead.
+inline float block_max(const float* __restrict x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 m0 = _mm256_set1_ps(m), m1 = m0, m2 = m0, m3 = m0;
+  for (; j + 32 <= n; j += 32) {
+    m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + j));
+    m1 = _mm256_max_ps(m1, _mm256_loadu_ps(x + j + 8));
+    m2 = _mm256_max_ps(m2, _mm256_loadu_ps(x + j + 16));
+    m3 = _mm256_max_ps(m3, _mm256_loadu_ps(x + j + 24));
+  }
+  m = hmax8(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+#endif
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// sum(exp(x - shift)) over a block, writing each exp(x - shift) to e (e may be x itself).
+inline float block_exp_store(const float* x, float* e, int64_t n, float shift) {
+  int64_t j = 0;
+  float s = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 sh = _mm256_set1_ps(shift);
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+  for (; j + 16 <= n; j += 16) {
+    const __m256 a = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), sh));
+    const __m256 b = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j + 8), sh));
+    _mm256_storeu_ps(e + j, a);
+    _mm256_storeu_ps(e + j + 8, b);
+    s0 = _mm256_add_ps(s0, a);
+    s1 = _mm256_add_ps(s1, b);
+  }
+  s = hsum8(_mm256_add_ps(s0, s1));
+#endif
+  float s_tail = 0.0f;
+#pragma omp simd reduction(+ : s_tail)
+  for (int64_t k = j; k < n; ++k) {
+    const float v = exp_approx(x[k] - shift);
+    e[k] = v;
+    s_tail += v;
+  }
+  return s + s_tail;
+}
+
+// e[k] = e[k] * c - d over a block (the second, in-cache pass that turns exp(x - shift) into the gradient).
+inline void block_scale(float* __restrict e, int64_t n, float c, float d) {
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 vc = _mm256_set1_ps(c), vd = _mm256_set1_ps(d);
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(e + j, _mm256_fmsub_ps(_mm256_loadu_ps(e + j), vc, vd));
+#endif
+  for (; j < n; ++j) e[j] = e[j] * c - d;
+}
+
+// One row, loss and gradient together ("forward and backward in one sweep"): the row is read from memory
+// once. Pass 1, block by block: the block's max (raising the shift only when it passes the shift by more
+// than kHeadroom, as row_stats does), then exp(x - shift) summed AND stored into the gradient row (which
+// may be the logits row itself), remembering each block's shift. Pass 2, over the gradient row while it is
+// still in cache: exp(x - shift_b) * exp(shift_b - m - l) * scale - eps / V * scale. Returns m and l.
+inline void row_loss_and_grad(const float* x, float* g, int64_t V, float scale, float eps_over_v,
+                              std::vector<float>& shifts, float& m_out, float& l_out) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const int64_t blocks = (V + kBlock - 1) / kBlock;
+  shifts.resize(blocks);
+  float m = x[0];
+  double s = 0.0;
+  bool bad = false;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t off = b * kBlock, n = std::min(kBlock, V - off);
+    const float bm = block_max(x + off, n);
+    if (std::isnan(bm) || bm == inf || std::isnan(x[off])) bad = true;
+    if (bad) {  // PyTorch gives nan here (inf - inf); so do we, for loss and gradient
+      std::fill(g + off, g + n + off, std::numeric_limits<float>::quiet_NaN());
+      shifts[b] = 0.0f;
+      continue;
+    }
+    if (!(bm <= m + kHeadroom) && bm != -inf) {  // also true for m = -inf
+      s = (m == -inf) ? 0.0 : s * std::exp(static_cast<double>(m) - bm);
+      m = bm;
+    }
+    shifts[b] = m;
+    if (m == -inf) {  // nothing but -inf so far: these terms are 0 (and exp(-inf - -inf) would be nan)
+      std::fill(g + off, g + n + off, 0.0f);
+      continue;
+    }
+    s += block_exp_store(x + off, g + off, n, m);
+  }
+  const float l = static_cast<float>(std::log(s));
+  m_out = bad ? std::numeric_limits<float>::quiet_NaN() : m;
+  l_out = bad ? std::numeric_limits<float>::quiet_NaN() : l;
+  if (bad) {
+    std::fill(g, g + V, std::numeric_limits<float>::quiet_NaN());
+    return;
+  }
+  const float d = eps_over_v * scale;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t off = b * kBlock, n = std::min(kBlock, V - off);
+    const float c = static_cast<float>(std::exp(static_cast<double>(shifts[b]) - m - l)) * scale;
+    block_scale(g + off, n, c, d);
+  }
+}
+
 }  // namespace
 
-// Returns (row_max [N], row_logsum [N], row_loss [N]), float32; the mean loss is row_loss.mean().
-std::vector<torch::Tensor> forward(torch::Tensor logits, torch::Tensor target) {
+// The loss of every row, and (grad_mode 1: into a new [N, V] tensor; 2: in place, over the logits) its
+// gradient: grad[i, j] = (softmax(x_i)_j - (1 - eps) [j == t_i] - eps / V) * scale * row_scale[i]
+// (row_scale optional), 0 where t_i == ignore_index; grad_mode 1 writes into `out` when it is given. row_loss[i] = (1 - eps) (l - (x_t - m)) +
+// eps (l - (mean(x_i) - m)), 0 where ignored. Targets must be in [0, V) or ignore_index (checked by the
+// caller). Returns (row_max, row_logsum, row_loss[, grad]).
+std::vector<torch::Tensor> forward(torch::Tensor logits, torch::Tensor target, int64_t ignore_index,
+                                   double label_smoothing, int64_t grad_mode, double scale,
+                                   c10::optional<torch::Tensor> row_scale, c10::optional<torch::Tensor> out) {
   check_input(logits, target);
+  TORCH_CHECK(grad_mode >= 0 && grad_mode <= 2, "fused_cross_entropy: grad_mode is 0, 1 or 2");
   auto tgt = target.contiguous();
   const int64_t N = logits.size(0), V = logits.size(1), ld = logits.stride(0);
+  const float* rs = nullptr;
+  torch::Tensor rs_t;
+  if (row_scale.has_value() && row_scale->defined()) {
+    rs_t = row_scale->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(rs_t.numel() == N, "fused_cross_entropy: row_scale must be [N]");
+    rs = rs_t.data_ptr<float>();
+  }
   auto row_max = torch::empty({N}, logits.options());
   auto row_logsum = torch::empty({N}, logits.options());
   auto row_loss = torch::empty({N}, logits.options());
+  torch::Tensor grad;
+  float* g = nullptr;
+  int64_t ldg = V;
+  if (grad_mode == 1) {
+    if (out.has_value() && out->defined()) {  // a buffer the caller reuses (no fresh pages to fault in)
+      grad = *out;
+      TORCH_CHECK(grad.scalar_type() == torch::kFloat32 && grad.is_contiguous() && grad.dim() == 2 &&
+                      grad.size(0) == N && grad.size(1) == V,
+                  "fused_cross_entropy: out must be a contiguous float32 [N, V] tensor");
+    } else {
+      grad = torch::empty({N, V}, logits.options());
+      advise_huge_pages(grad.data_ptr(), static_cast<size_t>(grad.numel()) * sizeof(float));
+    }
+    g = grad.data_ptr<float>();
+  } else if (grad_mode == 2) {
+    g = logits.data_ptr<float>();
+    ldg = ld;
+  }
   const float* x = logits.data_ptr<float>();
   const int64_t* t = tgt.data_ptr<int64_t>();
   float* m_p = row_max.data_ptr<float>();
   float* l_p = row_logsum.data_ptr<float>();
   float* loss_p = row_loss.data_ptr<float>();
+  const float eps = static_cast<float>(label_smoothing);
+  const float eps_over_v = V > 0 ? eps / static_cast<float>(V) : 0.0f;
+  const float s0 = static_cast<float>(scale);
+  if (V == 0) {
+    row_max.zero_(), row_logsum.zero_(), row_loss.zero_();
+    return grad.defined() ? std::vector<torch::Tensor>{row_max, row_logsum, row_loss, grad}
+                          : std::vector<torch::Tensor>{row_max, row_logsum, row_loss};
+  }
   parallel_rows(N, V, [&](int64_t begin, int64_t end) {
+    std::vector<float> shifts;
     for (int64_t i = begin; i < end; ++i) {
       const float* row = x + i * ld;
-      row_stats(row, V, m_p[i], l_p[i]);
+      float* grow = g ? g + i * ldg : nullptr;
+      if (t[i] == ignore_index) {
+        m_p[i] = l_p[i] = loss_p[i] = 0.0f;
+        if (grow) std::fill(grow, grow + V, 0.0f);
+        continue;
+      }
+      const float x_t = row[t[i]];  // read before the gradient may overwrite the row
+      const double mean_x = eps != 0.0f ? row_sum(row, V) / static_cast<double>(V) : 0.0;
+      const float s = rs ? s0 * rs[i] : s0;
+      if (grow) {
+        row_loss_and_grad(row, grow, V, s, eps_over_v, shifts, m_p[i], l_p[i]);
+        grow[t[i]] -= (1.0f - eps) * s;
+      } else {
+        row_stats(row, V, m_p[i], l_p[i]);
+      }
       // -log softmax(x)[t] = l - (x_t - m), in this order for the same reason as above
-      loss_p[i] = l_p[i] - (row[t[i]] - m_p[i]);
+      float loss = l_p[i] - (x_t - m_p[i]);
+      if (eps != 0.0f) loss = (1.0f - eps) * loss + eps * (l_p[i] - static_cast<float>(mean_x - m_p[i]));
+      loss_p[i] = loss;
     }
   });
+  if (grad.defined()) return {row_max, row_logsum, row_loss, grad};
   return {row_max, row_logsum, row_loss};
 }
 
-// grad[i, j] = (exp(x_ij - m_i - l_i) - [j == t_i]) * scale, one sweep, a new contiguous [N, V].
-torch::Tensor backward(torch::Tensor logits, torch::Tensor target, torch::Tensor row_max, torch::Tensor row_logsum,
-                       double scale) {
-  check_input(logits, target);
-  const int64_t N = logits.size(0), V = logits.size(1), ld = logits.stride(0);
-  for (const auto& s : {row_max, row_logsum}) {
-    TORCH_CHECK(s.scalar_type() == torch::kFloat32 && s.is_contiguous() && s.numel() == N,
-                "fused_cross_entropy: row statistics must be float32 [N]");
-  }
-  auto tgt = target.contiguous();
-  auto grad = torch::empty({N, V}, logits.options());
-  advise_huge_pages(grad.data_ptr(), static_cast<size_t>(grad.numel()) * sizeof(float));
-  const float* x = logits.data_ptr<float>();
-  const int64_t* t = tgt.data_ptr<int64_t>();
-  const float* m_p = row_max.data_ptr<float>();
-  const float* l_p = row_logsum.data_ptr<float>();
-  float* g = grad.data_ptr<float>();
-  const float s = static_cast<float>(scale);
-  parallel_rows(N, V, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      float* grow = g + i * V;
-      row_grad(x + i * ld, grow, V, m_p[i], l_p[i], s);
-      grow[t[i]] -= s;
-    }
-  });
-  return grad;
+// A new float32 [N, V] tensor whose memory asked for huge pages (see advise_huge_pages).
+torch::Tensor empty_huge_pages(int64_t N, int64_t V) {
+  auto t = torch::empty({N, V}, torch::kFloat32);
+  advise_huge_pages(t.data_ptr(), static_cast<size_t>(t.numel()) * sizeof(float));
+  return t;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "minilib's fused cross-entropy for CPU float32 (online softmax, one pass per row)";
   // The GIL is released while the kernels run: they touch no Python object, and other Python
   // threads (a data loader, say) can go on meanwhile.
-  m.def("forward", &forward, "per-row max, log-sum-exp and loss", py::arg("logits"), py::arg("target"),
+  m.def("forward", &forward, "per-row max, log-sum, loss, and optionally the gradient", py::arg("logits"),
+        py::arg("target"), py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("grad_mode"),
+        py::arg("scale"), py::arg("row_scale") = py::none(), py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>());
-  m.def("backward", &backward, "gradient of the mean loss times grad_out", py::arg("logits"), py::arg("target"),
-        py::arg("row_max"), py::arg("row_logsum"), py::arg("scale"), py::call_guard<py::gil_scoped_release>());
+  m.def("empty_huge_pages", &empty_huge_pages, "a new float32 [N, V] tensor advised to use huge pages");
 }
