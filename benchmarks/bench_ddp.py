@@ -34,7 +34,7 @@ from minilib.data import get_data
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "train_mnist.py"
 # (global batch sizes, epochs) per set: lesson 03's batch 64 and lesson 05's 512.
-CASES = {"tiny": ((512,), 1), "quick": ((64, 512), 2), "full": ((64, 512), 5)}
+CASES = {"tiny": ((512,), 1), "quick": ((64, 512), 8), "full": ((64, 512), 20)}
 TIMEOUT_S = 600
 
 

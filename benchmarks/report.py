@@ -244,7 +244,9 @@ def loss_section(data: dict[str, Any]) -> list[str]:
         "GB/s counts the least traffic the loss needs (the logits read once forward; read once, and a "
         "gradient as large written once, for forward+backward), so it compares with the measured bandwidth. "
         "No flops are counted for exp and log, so the fraction is of that memory floor only. "
-        "Peak memory is the extra memory one call needed at its peak.",
+        "Peak memory is the extra memory one call needed at its peak. Where a time says `(1.1x floor)`, "
+        "the floor is that traffic timed in the same process (`x.sum()` over the logits forward; plus "
+        "`g.fill_(1.0)` over a tensor of their size for forward+backward).",
         "",
     ]
     shapes = _by(runs, "device", "dtype", "n", "c")
@@ -266,8 +268,9 @@ def loss_section(data: dict[str, Any]) -> list[str]:
                     continue
                 peak = r["peak_mem_bytes"]
                 mult = f" ({peak / logits:.2g}x logits)" if peak is not None and logits else ""
+                floor = f" ({fmt_ratio(r.time / r['floor_s'])} floor)" if r["floor_s"] else ""
                 row += [
-                    fmt_time(r.time),
+                    fmt_time(r.time) + floor,
                     fmt_num(r["gbps"]),
                     fmt_frac(r["fraction_of_limit"]),
                     fmt_bytes(peak) + mult,
@@ -289,6 +292,51 @@ def loss_section(data: dict[str, Any]) -> list[str]:
         )
     methods = sorted({r["peak_mem_method"] for r in runs if r["peak_mem_method"]})
     lines += ["Peak memory, as measured here: " + "; ".join(f"{m}." for m in methods), ""]
+    return lines
+
+
+LINEAR_ORDER = (
+    "fused_linear_cross_entropy",
+    "F.linear_cross_entropy",
+    "F.linear_cross_entropy chunked",
+    "torch.compile(two-step)",
+)
+
+
+def linear_section(data: dict[str, Any]) -> list[str]:
+    runs = _runs(data, "linear_cross_entropy")
+    if not runs:
+        return []
+    lines = [
+        "## Linear cross-entropy: the matmul and the loss fused",
+        "",
+        "Forward+backward of `cross_entropy(input @ W.T, target)` at (N, H, V). Its floor is its three "
+        "matmuls alone (`x @ W.T`, `dlogits @ W`, `dlogits.T @ x` by torch at the same shapes, timed in "
+        "the same process): a fraction of 100% means the loss itself was free. Peak memory is the extra "
+        "memory of one forward+backward beyond the inputs, next to the N x V logits it avoids holding.",
+        "",
+    ]
+    for (device, dtype, n, h, c), group in sorted(_by(runs, "device", "dtype", "n", "h", "c").items()):
+        by = {r["kernel"]: r for r in group}
+        kernels = [k for k in LINEAR_ORDER if k in by] + sorted(set(by) - set(LINEAR_ORDER))
+        logits = fmt_bytes(group[0]["logits_bytes"])
+        lines += [f"### N, H, V = {n}, {h}, {c}, {device} {dtype} ({logits} of logits)", ""]
+        rows = []
+        for kernel in kernels:
+            r = by[kernel]
+            over = r["peak_mem_over_logits"]
+            rows.append(
+                (
+                    kernel,
+                    fmt_time(r.time),
+                    fmt_time(r["floor_s"]),
+                    fmt_frac(r["floor_s"] / r.time if r["floor_s"] else None),
+                    fmt_bytes(r["peak_mem_bytes"]) + ("" if over is None else f" ({over:.2g}x logits)"),
+                )
+            )
+        lines += table(
+            ("kernel", "fwd+bwd time", "three matmuls", "fraction of that floor", "peak memory"), rows
+        )
     return lines
 
 
@@ -484,6 +532,7 @@ def render(
     body += matmul_table_section(data, "wide", "Matmul: the whole training set through the 784x10 layer")
     body += matmul_table_section(data, "square", "Matmul: square sizes")
     body += loss_section(data)
+    body += linear_section(data)
     body += ddp_section(data)
     if charts:
         body += ["## Charts", ""] + [f"![{p.stem}]({p.name})" for p in charts] + [""]

@@ -169,3 +169,43 @@ def test_the_ddp_scaling_table_shows_both_ratios_against_the_two_core_limit(tmp_
     assert "## More than one process: DDP scaling" in md
     expected = ["512", "10,000", "8,000", "12,000", "1.2x", "1.5x of 2x", "0.25/0.93", "0.5"]
     assert _row(md, "512") == expected, md
+
+
+def test_the_linear_cross_entropy_table_shows_the_fraction_of_the_three_matmul_floor(tmp_path):
+    """bench_linear_cross_entropy's runs: time, the three matmuls' floor, the fraction reached, and the
+    peak memory next to the logits' size."""
+    data = _fake_json()
+    for kernel, t, peak in (
+        ("fused_linear_cross_entropy", 1.25, 40 * 2**20),
+        ("F.linear_cross_entropy", 2.0, 2**30),
+    ):
+        data["benchmarks"].append(
+            _bench(
+                f"test_linear[{kernel}]",
+                t,
+                op="linear_cross_entropy",
+                case="fwd+bwd",
+                kernel=kernel,
+                device="cpu",
+                dtype="float32",
+                n=4096,
+                h=256,
+                c=32000,
+                logits_bytes=500 * 2**20,
+                floor_s=1.0,
+                peak_mem_bytes=peak,
+                peak_mem_over_logits=peak / (500 * 2**20),
+            )
+        )
+    (tmp_path / "bench.json").write_text(json.dumps(data))
+    report.write_report(tmp_path / "bench.json", tmp_path)
+    md = (tmp_path / "bench-report.md").read_text()
+    assert "### N, H, V = 4096, 256, 32000, cpu float32 (500 MiB of logits)" in md, md
+    assert _row(md, "fused_linear_cross_entropy") == [
+        "fused_linear_cross_entropy",
+        "1.25 s",
+        "1 s",
+        "80%",
+        "40 MiB (0.08x logits)",
+    ], md
+    assert _row(md, "F.linear_cross_entropy")[3] == "50%"

@@ -77,7 +77,6 @@ __all__ = [
     "LINEAR_CHUNK_ELEMENTS",
 ]
 
-#: The fused linear cross-entropy's chunk of logits (32 MiB of float32): large enough that its three
 #: The fused linear cross-entropy's largest chunk of logits (64 MiB of float32). Each chunk adds its
 #: share of the weight's gradient into one V x H accumulator, which is read and written once per chunk,
 #: so fewer, larger chunks run faster (measured at (2048, 256, 32000): 64 rows 1.55x the three matmuls'
@@ -430,25 +429,7 @@ def _apply_fused_linear(kernel, input, linear_weight, target, *, linear_bias=Non
 # --- triton_matmul ----------------------------------------------------------------------------------------
 
 
-def _check_matmul_operands(a: torch.Tensor, b: torch.Tensor) -> None:
-    for arg, x in (("a", a), ("b", b)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"triton_matmul: {arg} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(
-                f"triton_matmul: {arg} must be float16, bfloat16 or float32, got dtype {x.dtype}"
-            )
-        if x.dim() != 2:
-            raise ValueError(f"triton_matmul: {arg} must be a 2-D matrix, got shape {tuple(x.shape)}")
-    if a.dtype != b.dtype:
-        raise ValueError(f"triton_matmul: a and b must have the same dtype, got {a.dtype} and {b.dtype}")
-    if a.shape[1] != b.shape[0]:
-        raise ValueError(
-            f"triton_matmul: inner sizes differ: a is {a.shape[0]}x{a.shape[1]} but b is "
-            f"{b.shape[0]}x{b.shape[1]} (a's columns must equal b's rows)"
-        )
-    if a.device != b.device:
-        raise ValueError(f"triton_matmul: a is on {a.device} but b is on {b.device}")
+_TRITON_MATMUL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def triton_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -460,7 +441,11 @@ def triton_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     non-tensor, ValueError for a wrong dtype, shape or device (CPU tensors outside the interpreter),
     ImportError without Triton.
     """
-    _check_matmul_operands(a, b)
+    contract.tensor("triton_matmul", a=a, b=b)
+    for arg, x in (("a", a), ("b", b)):
+        if x.dtype not in _TRITON_MATMUL_DTYPES:
+            contract.fail("triton_matmul", arg, "float16, bfloat16 or float32", x)
+    contract.matmul("triton_matmul", a=a, b=b)  # 2-D, inner sizes, one device, one dtype
     if _tk is None:
         raise ImportError(
             "triton_matmul: Triton is not installed; pip install 'minilib[triton]' (needs a CUDA GPU)"

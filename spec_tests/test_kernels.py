@@ -232,38 +232,6 @@ def test_result_keeps_dtype_and_bfloat16_is_within_bfloat16_tolerance():
     assert_matches_reference(*logits_and_target(6, 500, scale=3.0, dtype=torch.float64))
 
 
-@pytest.mark.parametrize(
-    "target, error, match",
-    [
-        (
-            torch.tensor([0, 7, 1]),
-            IndexError,
-            "target holds class 7 at position 1, but logits has only 5 classes",
-        ),
-        (torch.tensor([0, -1, 1]), IndexError, "target holds class -1"),
-        (torch.tensor([0, 1, 1], dtype=torch.int32), ValueError, "target must be int64"),
-        (torch.tensor([0, 1]), ValueError, "target must be 1-D with one class per row of logits"),
-    ],
-)
-def test_bad_targets_fail_like_the_lessons_loss(target, error, match):
-    """Bad targets get the contract's errors, named after this function and its arguments, before any
-    kernel runs: a class outside [0, V) would otherwise read outside the row."""
-    with pytest.raises(error, match=match) as info:
-        fused_cross_entropy(torch.randn(3, 5), target)
-    assert "fused_cross_entropy" in str(info.value)
-
-
-def test_bad_logits_fail_early():
-    """Integer scores, a 1-D input or a list are rejected with the function's name, the argument's own
-    name (``logits``, as the signature spells it) and what was expected."""
-    with pytest.raises(ValueError, match="fused_cross_entropy: logits must be a floating-point tensor"):
-        fused_cross_entropy(torch.ones(3, 5, dtype=torch.int64), torch.tensor([0, 1, 2]))
-    with pytest.raises(TypeError, match="fused_cross_entropy: logits must be a torch.Tensor"):
-        fused_cross_entropy([[0.5, 0.5]], torch.tensor([0]))
-    with pytest.raises(ValueError, match=r"fused_cross_entropy: logits must be 2-D \[N, V\]"):
-        fused_cross_entropy(torch.randn(5), torch.tensor([0]))
-
-
 # --- F.cross_entropy's keywords: what a language model's training needs ---------------------------
 
 
@@ -394,20 +362,6 @@ def test_second_derivatives_are_pytorchs(reduction):
         (loss + (g**2).sum()).backward()
         grads.append(xi.grad)
     test_near(grads[0], grads[1])
-
-
-def test_unsupported_keywords_and_an_empty_batch_are_refused():
-    """weight= (class weights) is not supported: a TypeError naming it, not a silent unweighted loss. An
-    empty batch is a ValueError naming logits; options are checked like the rest of the contract."""
-    x, y = logits_and_target(3, 5)
-    with pytest.raises(TypeError, match="fused_cross_entropy: weight="):
-        fused_cross_entropy(x, y, weight=torch.ones(5))
-    with pytest.raises(ValueError, match="fused_cross_entropy: logits must be a batch of at least one row"):
-        fused_cross_entropy(torch.randn(0, 5), torch.zeros(0, dtype=torch.int64))
-    with pytest.raises(ValueError, match="fused_cross_entropy: reduction must be one of"):
-        fused_cross_entropy(x, y, reduction="avg")
-    with pytest.raises(ValueError, match="fused_cross_entropy: label_smoothing must be in"):
-        fused_cross_entropy(x, y, label_smoothing=1.5)
 
 
 # --- The fallback and the memory it saves ---------------------------------------------------
@@ -585,11 +539,10 @@ def test_half_precision_accumulates_the_weight_gradient_in_float32():
         assert err < 2e-2, f"{name} grad: relative error {err:.2e}"
 
 
-def test_fused_linear_second_derivatives_and_errors():
-    """Same second-derivative rule as fused_cross_entropy (through PyTorch's graph); a weight whose H does
-    not match the input's, or a dtype mismatch, names the arguments."""
+def test_fused_linear_second_derivatives_are_pytorchs():
+    """Same second-derivative rule as fused_cross_entropy: a gradient penalty through the fused linear
+    loss equals the one through F.linear_cross_entropy (taken through PyTorch's own graph)."""
     x, w, b, y = linear_problem(5, 4, 9)
-    xs = [t.clone().requires_grad_() for t in (x, w)]
     penalties = []
     for fn in (fused_linear_cross_entropy, F.linear_cross_entropy):
         xi, wi = (t.detach().clone().requires_grad_() for t in (x, w))
@@ -599,10 +552,6 @@ def test_fused_linear_second_derivatives_and_errors():
         penalties.append((xi.grad, wi.grad))
     test_near(penalties[0][0], penalties[1][0])
     test_near(penalties[0][1], penalties[1][1])
-    with pytest.raises(ValueError, match="fused_linear_cross_entropy: linear_weight must be"):
-        fused_linear_cross_entropy(xs[0], torch.randn(9, 5, dtype=torch.float64), y)
-    with pytest.raises(ValueError, match="input and linear_weight must have one dtype"):
-        fused_linear_cross_entropy(x, w.float(), y)
 
 
 @pytest.mark.skipif(
@@ -770,14 +719,10 @@ def test_triton_matmul_in_bfloat16_in_the_interpreter():
     assert torch.allclose(c.double(), expected, rtol=1e-2, atol=1e-1)
 
 
-def test_triton_matmul_public_function_and_its_errors():
-    """triton_matmul checks its operands like the lesson's matmul; without a GPU it runs in the interpreter
-    when TRITON_INTERPRET=1 and otherwise says a CUDA tensor is needed."""
+def test_triton_matmul_runs_in_the_interpreter_or_asks_for_a_cuda_tensor():
+    """Without a GPU, triton_matmul runs in Triton's interpreter when TRITON_INTERPRET=1 and otherwise says
+    a CUDA tensor is needed (its bad operands are in test_contracts.py, with the lesson's matmuls')."""
     a, b = torch.randn(40, 24), torch.randn(24, 8)
-    with pytest.raises(ValueError, match="triton_matmul: inner sizes differ: a is 40x24 but b is 8x24"):
-        triton_matmul(a, b.t())
-    with pytest.raises(ValueError, match="triton_matmul: a must be float16, bfloat16 or float32"):
-        triton_matmul(a.long(), b)
     if tk is None:
         with pytest.raises(ImportError, match="Triton is not installed"):
             triton_matmul(a, b)
