@@ -27,15 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import harness
+from minilib.kernels import fused_cross_entropy
 from minilib.loss import LOG_SOFTMAXES, cross_entropy, nll
-
-try:
-    from minilib.kernels import fused_cross_entropy
-except ImportError as e:  # the kernels module is optional for the harness: its cases skip with the reason
-    fused_cross_entropy = None
-    FUSED_MISSING = f"minilib.kernels.fused_cross_entropy is not available: {e}"
-else:
-    FUSED_MISSING = ""
 
 
 def _fused_path(device: str) -> str:
@@ -159,8 +152,6 @@ def test_cross_entropy(benchmark: Any, limits_for, sizes, problem: Problem, mode
     benchmark.group = f"cross-entropy {mode} {p.n}x{p.c} {p.device} {p.dtype}"
     limits = limits_for(p.device)
     loss_fn = KERNELS[kernel]
-    if loss_fn is None:
-        pytest.skip(FUSED_MISSING)
     target = p.target
     if mode == "fwd":
         x = p.x

@@ -33,14 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks import harness
-
-try:
-    from minilib.kernels import fused_linear_cross_entropy
-except ImportError as e:  # the kernels module is optional for the harness: its cases skip with the reason
-    fused_linear_cross_entropy = None
-    FUSED_MISSING = f"minilib.kernels.fused_linear_cross_entropy is not available: {e}"
-else:
-    FUSED_MISSING = ""
+from minilib.kernels import fused_linear_cross_entropy
 
 # (N, H, V) per set; the quick set keeps one linear case, the full set the shape.
 SIZES = {
@@ -155,8 +148,6 @@ def test_linear_cross_entropy(benchmark: Any, limits_for, sizes, lce_problem: Pr
     benchmark.group = f"linear cross-entropy fwd+bwd {p.n}x{p.h}x{p.v} {p.device} {p.dtype}"
     limits = limits_for(p.device)
     loss_fn = KERNELS[kernel]
-    if loss_fn is None:
-        pytest.skip(FUSED_MISSING)
     x = p.x.detach().requires_grad_()
     w = p.w.detach().requires_grad_()
 
