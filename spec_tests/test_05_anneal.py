@@ -41,6 +41,7 @@ from minilib.schedules import (
     sched_lin,
     sched_no,
 )
+from minilib.testing import test_close
 
 pytestmark = pytest.mark.lesson05
 
@@ -251,7 +252,7 @@ def test_param_scheduler_drives_sgd_exactly_like_pytorchs_lambda_lr():
             lambda_lr.step()
     assert run.recorder.lrs[0] == torch_lrs, f"\nours   {run.recorder.lrs[0]}\nLambdaLR {torch_lrs}"
     for p, q in zip(learn.model.parameters(), model.parameters(), strict=True):
-        assert torch.allclose(p, q, rtol=0, atol=1e-6), f"weights differ by {(p - q).abs().max():.3g}"
+        test_close(p, q, rtol=0, atol=1e-6)
 
 
 def test_discriminative_learning_rates_one_schedule_per_param_group():

@@ -38,6 +38,7 @@ from minilib.data import DataBunch, Dataset
 from minilib.distributed import DDPCallback
 from minilib.learner import Callback, Learner, Runner, get_model
 from minilib.loss import accuracy
+from minilib.testing import test_close
 
 pytestmark = [
     pytest.mark.distributed,
@@ -272,9 +273,8 @@ def test_every_rank_reports_the_training_numbers_of_the_whole_set(job):
     of the pass, so each rank prints the single process's training loss and accuracy, not its own half."""
     _, ref = single_process(WORLD * BS)
     expected = torch.tensor(ref.avg_stats.train_stats.avg_stats)
-    for rank, res in enumerate(job["res"]):
-        got = torch.tensor(res["steps"]["train"])
-        assert torch.allclose(got, expected, rtol=0, atol=1e-6), f"rank {rank}: {got} vs {expected}"
+    every_rank = torch.tensor([res["steps"]["train"] for res in job["res"]])  # row r: rank r's numbers
+    test_close(every_rank, expected.expand_as(every_rank), rtol=0, atol=1e-6)
 
 
 def test_pytorchs_padding_sampler_counts_a_duplicate_on_an_odd_validation_set():
@@ -303,11 +303,11 @@ def test_minilibs_validation_numbers_are_the_single_process_whole_set_numbers(jo
     with torch.no_grad():
         pred = learn.model(xv)
     whole = torch.tensor([F.cross_entropy(pred, yv).item(), accuracy(pred, yv).item()])
-    assert torch.allclose(torch.tensor(ref.avg_stats.valid_stats.avg_stats), whole, rtol=0, atol=1e-6)
-    for rank, res in enumerate(job["res"]):
-        got = torch.tensor(res["steps"]["valid"])
-        assert res["steps"]["valid_count"] == N_VALID, f"rank {rank} counted {res['steps']['valid_count']}"
-        assert torch.allclose(got, whole, rtol=0, atol=1e-6), f"rank {rank}: {got} vs whole set {whole}"
+    test_close(torch.tensor(ref.avg_stats.valid_stats.avg_stats), whole, rtol=0, atol=1e-6)
+    counts = [res["steps"]["valid_count"] for res in job["res"]]
+    assert counts == [N_VALID] * WORLD, f"samples counted by each rank: {counts}, the set has {N_VALID}"
+    every_rank = torch.tensor([res["steps"]["valid"] for res in job["res"]])  # row r: rank r's numbers
+    test_close(every_rank, whole.expand_as(every_rank), rtol=0, atol=1e-6)
 
 
 def test_every_training_sample_is_seen_once_per_epoch_across_the_ranks_in_a_new_order_each_epoch(job):
