@@ -87,7 +87,8 @@ class AvgStatsCallback(Callback):
     """Keeps ``train_stats`` and ``valid_stats`` (``AvgStats``) for the current epoch.
 
     Prints both after each epoch as the lesson does, unless ``print_stats=False`` or (the default,
-    None) a ``ProgressCallback`` in the same runner shows them already.
+    None) a ``ProgressCallback`` in the same runner shows them already. A failed print (a broken pipe
+    after ``| head``, a closed stdout) stops the printing, never the fit.
     """
 
     def __init__(self, metrics, print_stats: bool | None = None):
@@ -108,8 +109,11 @@ class AvgStatsCallback(Callback):
         if show is None:
             show = not any(isinstance(cb, ProgressCallback) for cb in self.run.cbs)
         if show:
-            print(self.train_stats)
-            print(self.valid_stats)
+            try:
+                print(self.train_stats)
+                print(self.valid_stats)
+            except (OSError, ValueError):  # a broken pipe or a closed stdout must not end the training:
+                self.print_stats = False  # stop printing; the numbers stay in train_stats/valid_stats
 
 
 class Recorder(Callback):

@@ -431,20 +431,22 @@ def closed_stdout() -> io.StringIO:
     return out
 
 
+@pytest.mark.parametrize("progress", [True, False], ids=["progress bar", "AvgStats printing alone"])
 @pytest.mark.parametrize(
     "make_out",
     [lambda: BrokenPipe(tty=False), lambda: BrokenPipe(tty=True), closed_stdout],
     ids=["broken pipe, log", "broken pipe, terminal", "closed stdout"],
 )
-def test_a_broken_or_closed_output_stops_the_display_but_never_the_training(monkeypatch, make_out):
+def test_a_broken_or_closed_output_stops_the_display_but_never_the_training(monkeypatch, make_out, progress):
     """``python train.py | head`` closes the pipe after ten lines; a daemon may run with stdout closed.
-    Either way writing fails (BrokenPipeError, or ValueError for a closed file). The progress display
-    is a convenience: it must stop displaying, after one failed write, and let the fit finish."""
+    Either way writing fails (BrokenPipeError, or ValueError for a closed file). The progress display,
+    and AvgStats' printed lines where there is no progress bar, are a convenience: they must stop
+    displaying after one failed write and let the fit finish (the numbers stay in ``avg_stats``)."""
     out = make_out()
     monkeypatch.setattr(sys, "stdout", out)
     learn = tiny_learner()
     before = params_copy(learn.model)
-    run = Runner([AvgStatsCallback([accuracy]), ProgressCallback()])
+    run = Runner([AvgStatsCallback([accuracy])] + ([ProgressCallback()] if progress else []))
     run.fit(2, learn)
     assert run.epoch == 1 and run.avg_stats.valid_stats.count == 2, "the fit did not finish"
     assert not same_params(before, params_copy(learn.model)), "nothing trained"
