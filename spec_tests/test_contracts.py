@@ -16,15 +16,29 @@ the lesson's ``.g`` gradients and the optimizer mutate, by design).
 
 from __future__ import annotations
 
+import math
+import os
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
+from support import tiny_data
+from torch import optim
+from torch.utils.data import DataLoader as TorchDataLoader
 
-from minilib import contract
+from minilib import backprop, contract, data, init, kernels, loss, nn, schedules, testing
+from minilib.callbacks import AvgStats, LR_Find, ParamScheduler, Recorder
+from minilib.data import DataBunch, Dataset
+from minilib.distributed import DDPCallback
+from minilib.learner import Callback, Learner, Runner, camel2snake, create_learner, get_model, get_model_func
+from minilib.matmul import MATMULS
+from minilib.mnist import get_data
+from minilib.schedules import sched_no
 
 
 @dataclass(frozen=True)
@@ -68,11 +82,6 @@ BAD += [
 
 # ------------------------------------------------------------------------ minilib.testing, minilib.matmul
 
-# Each section imports what it uses, so that the sections (on parallel branches) merge without conflicts.
-import math  # noqa: E402
-
-from minilib import backprop, data, init, loss, nn, schedules, testing  # noqa: E402
-from minilib.matmul import MATMULS  # noqa: E402
 
 BAD += [
     Bad("test: cmp not callable", lambda: testing.test(1, 1, "=="), TypeError, r"test: cmp must be"),
@@ -648,27 +657,15 @@ UNTOUCHED += [
 
 
 def _get_data_with_a_directory_for_a_file():
-    """get_data on a folder where ``t10k-images-idx3-ubyte.gz`` is a directory (imports stay in this
-    section, so that sections merge cleanly)."""
-    import os
-    import tempfile
-
-    from minilib.mnist import get_data
-
+    """get_data on a folder where ``t10k-images-idx3-ubyte.gz`` is a directory."""
     with tempfile.TemporaryDirectory() as folder:
         os.mkdir(os.path.join(folder, "t10k-images-idx3-ubyte.gz"))
         get_data(folder, sample=True)
 
 
-def _get_data_mnist():
-    from minilib.mnist import get_data
-
-    return get_data
-
-
 BAD += [
-    Bad("get_data: path an int", lambda: _get_data_mnist()(3), TypeError, r"get_data: path must be a str"),
-    Bad("get_data: sample a str", lambda: _get_data_mnist()(sample="yes"), TypeError, r"get_data: sample "),
+    Bad("get_data: path an int", lambda: get_data(3), TypeError, r"get_data: path must be a str"),
+    Bad("get_data: sample a str", lambda: get_data(sample="yes"), TypeError, r"get_data: sample "),
     Bad(
         "get_data: a directory under a data file's name",
         _get_data_with_a_directory_for_a_file,
@@ -784,12 +781,6 @@ UNTOUCHED += [
 
 
 def _learner_rows():
-    import torch.nn.functional as F
-    from support import tiny_data
-
-    from minilib.callbacks import Recorder
-    from minilib.learner import Callback, Runner, camel2snake, create_learner, get_model, get_model_func
-
     def learn():
         return create_learner(get_model_func(0.1), F.cross_entropy, tiny_data())
 
@@ -847,14 +838,6 @@ BAD += _learner_rows()
 
 
 def _callbacks_rows():
-    import torch.nn.functional as F
-    from support import tiny_data
-    from torch import optim
-
-    from minilib.callbacks import AvgStats, LR_Find, ParamScheduler, Recorder
-    from minilib.learner import Learner, Runner, create_learner, get_model, get_model_func
-    from minilib.schedules import sched_no
-
     def fit(*cbs, learn=None):
         run = Runner(list(cbs))
         run.fit(1, learn or create_learner(get_model_func(0.1), F.cross_entropy, tiny_data()))
@@ -906,7 +889,6 @@ BAD += _callbacks_rows()
 
 # ------------------------------------------------------------------------ minilib.kernels
 
-from minilib import kernels  # noqa: E402  (imported in its own section: the sections merge independently)
 
 _fce, _flce = kernels.fused_cross_entropy, kernels.fused_linear_cross_entropy
 _y3 = torch.tensor([0, 1, 2])
@@ -1076,13 +1058,6 @@ UNTOUCHED += [
 
 def _ddp_fit(train_dl=None, **ddp_kwargs):
     """Fit a tiny learner for one epoch with ``DDPCallback(**ddp_kwargs)``, in this process (no group)."""
-    # Imported here, not at the top, so that this section merges on its own.
-    from torch.utils.data import DataLoader as TorchDataLoader
-
-    from minilib.data import DataBunch, Dataset
-    from minilib.distributed import DDPCallback
-    from minilib.learner import Learner, Runner, get_model
-
     ds = Dataset(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
     data = DataBunch(TorchDataLoader(ds, batch_size=2), TorchDataLoader(ds), c=2)
     learn = Learner(*get_model(data, nh=4), torch.nn.functional.cross_entropy, data)
