@@ -20,7 +20,11 @@ def install(session: nox.Session, extras: str) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the spec tests (one file per notebook) and smoke-run the benchmarks once, untimed."""
+    """Run the spec tests, the docs generator's fast check and one untimed pass of the benchmarks.
+
+    The spec: one file per notebook, plus contracts, data, kernels and a two-process DDP job; the docs
+    check builds a site from a tiny fake spec; the benchmarks run once on tiny sizes so the harness
+    cannot rot."""
     install(session, "test,triton,docs")  # docs: docs/test_generator.py builds a tiny fake site
     session.run(
         "pytest",
@@ -32,7 +36,7 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Time the matmul and loss kernels; write bench-results/ (bench.json, bench-report.md, PNG charts).
+    """Time the matmuls, the losses (fused and linear) and DDP; write bench-results/ (JSON, report, charts).
 
     `nox -s bench -- --quick` runs the reduced set (well under 3 minutes on 2 cores). Other arguments go to
     pytest: `nox -s bench -- --quick --benchmark-save=before`, later `... --benchmark-compare=0001`.
