@@ -184,7 +184,7 @@ def linear(fname: str, **xwb: torch.Tensor) -> None:
     same_dtype(fname, **xwb)
 
 
-# ------------------------------------------------------------------ words the lessons' modules use (issue 9)
+# ------------------------------------------------------------------ words the lessons' modules use
 
 __all__ += [
     "weight",

@@ -106,7 +106,7 @@ def test_schedule_values_stay_finite_and_between_start_and_end_for_any_finite_en
     start, end, small, large, pos
 ):
     """The lesson writes ``start + pos * (end - start)``, and ``end - start`` overflows to inf for finite
-    ends of opposite signs: issue 9 found ``sched_lin(1e308, -1e308)(0.5) == -inf``, a learning rate no
+    ends of opposite signs: written so, ``sched_lin(1e308, -1e308)(0.5)`` was -inf, a learning rate no
     optimizer survives. As ``start * (1 - pos) + end * pos`` (and sched_exp's ratio taken in logs),
     every value lies between start and end, so it is finite whenever they are."""
     assert sched_lin(1e308, -1e308)(0.5) == 0.0

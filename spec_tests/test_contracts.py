@@ -7,8 +7,8 @@ value, IndexError for a class index out of range) whose message names the argume
 spells it. Never a bare assert, never a NaN silently returned, never a hang, never a message about some
 other argument deep inside torch.
 
-Rows marked ``defect`` are the holes issue 9 found by trying minilib as a careless user and as an
-attacker would: each failed before its fix.
+Rows marked ``defect`` are holes found by trying minilib as a careless user and as an attacker
+would: each failed before its fix.
 
 A second table says that functions leave their inputs as they found them (only names ending in ``_``,
 the lesson's ``.g`` gradients and the optimizer mutate, by design).
@@ -49,7 +49,7 @@ class Bad:
     call: Callable[[], Any]
     error: type[BaseException]
     names: str  # a regex the message must match, usually the argument's name
-    defect: bool = False  # True where this row failed before issue 9's fix
+    defect: bool = False  # True where this row failed before its fix
 
 
 @dataclass(frozen=True)
