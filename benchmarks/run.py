@@ -3,7 +3,7 @@
 1. runs pytest on benchmarks/ with pytest-benchmark, writing DIR/bench.json (DIR defaults to bench-results);
 2. generates DIR/bench-report.md and DIR/*.png from that JSON (`python -m benchmarks.report DIR/bench.json`).
 
-`--quick` runs the reduced set (about a minute on 2 cores); without it the full set runs (see README).
+`--quick` runs the reduced set (about 2 minutes on 2 cores); without it the full set runs (see README).
 Any other argument goes to pytest unchanged, e.g. `-k ladder`, `--benchmark-save=before`,
 `--benchmark-compare=0001`.
 Exits with pytest's status (after writing the report, if pytest wrote its JSON).
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Time minilib's kernels with pytest-benchmark and write a Markdown report with charts.",
         epilog="Unrecognised arguments are passed to pytest (e.g. -k ladder, --benchmark-save=NAME).",
     )
-    parser.add_argument("--quick", action="store_true", help="the reduced set: about a minute on 2 cores")
+    parser.add_argument("--quick", action="store_true", help="the reduced set: about 2 minutes on 2 cores")
     parser.add_argument("--out", default="bench-results", help="output folder (default: bench-results)")
     args, pytest_args = parser.parse_known_args(argv)
     out = Path(args.out)
