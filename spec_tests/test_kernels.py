@@ -334,6 +334,88 @@ def test_the_gradient_memory_is_reused_only_once_nobody_holds_it():
     test_near(x.grad.double(), reference(x, y)[1])
 
 
+
+KEEPERS = {
+    "the tensor": lambda g: g,
+    "a view": lambda g: g[2:4],
+    "its storage": lambda g: g.untyped_storage(),
+    "a numpy array on its memory": lambda g: g.numpy(),
+}
+
+
+def _bytes_of(kept):
+    """The memory behind what the caller kept, as bytes."""
+    if isinstance(kept, torch.UntypedStorage):
+        return bytes(kept)
+    return (kept.numpy() if isinstance(kept, torch.Tensor) else kept).tobytes()
+
+
+@pytest.mark.parametrize("keep", list(KEEPERS))
+def test_a_gradient_is_never_written_again_whatever_the_caller_keeps(keep):
+    """The caller may keep any handle on a gradient and drop the rest (``g = x.grad.untyped_storage()``
+    then ``x.grad = None``): the next steps must not write into that memory, as F.cross_entropy's never
+    do. (The reuse once decided from a private use count of the storage, which a kept storage fooled:
+    step 1's gradient silently became step 2's.) The buffer goes back to the pool only when PyTorch frees
+    the memory, whatever held it."""
+    if cpu_ce.load_extension() is None:
+        pytest.skip(f"the C++ kernel could not be built here: {kernels.cpu_backend()}")
+    x, y = logits_and_target(8, 300)
+    x.requires_grad_()
+    fused_cross_entropy(x, y).backward()
+    kept = KEEPERS[keep](x.grad)
+    before = _bytes_of(kept)
+    x.grad = None  # all the caller still has is `kept`
+    for scale in (2.0, 3.0):  # later steps, with other logits of the same shape
+        x2 = (x.detach() * scale).requires_grad_()
+        fused_cross_entropy(x2, y).backward()
+        del x2
+    overwritten = _bytes_of(kept) != before
+    assert not overwritten, f"a gradient kept as {keep} was overwritten by a later step"
+
+
+def _hold_a_gradient(inbox, outbox):
+    """In another process: receive a gradient, say so, and once the sender's later steps are done send
+    back what it holds then."""
+    grad = inbox.get(timeout=60)
+    outbox.put("received")
+    inbox.get(timeout=60)
+    outbox.put(grad.tolist())
+
+
+def test_a_gradient_sent_to_another_process_is_never_written_again():
+    """torch.multiprocessing moves a tensor it sends into shared memory; the sender may then drop its
+    own reference, so that only the receiving process holds the gradient. The sender's next steps must
+    not write into it (they did, when the reuse read the storage's use count: the storage had become
+    the shared one and counted only the pool's reference). The child is forked (spawning would import
+    this module again) and killed if it has not finished within its bound."""
+    if cpu_ce.load_extension() is None:
+        pytest.skip(f"the C++ kernel could not be built here: {kernels.cpu_backend()}")
+    mp = torch.multiprocessing.get_context("fork")
+    inbox, outbox = mp.Queue(), mp.Queue()
+    child = mp.Process(target=_hold_a_gradient, args=(inbox, outbox), daemon=True)
+    child.start()
+    try:
+        x, y = logits_and_target(8, 300)
+        x.requires_grad_()
+        fused_cross_entropy(x, y).backward()
+        sent = x.grad.tolist()
+        inbox.put(x.grad)
+        assert outbox.get(timeout=60) == "received"
+        x.grad = None  # the sender lets go: only the other process holds the gradient now
+        for scale in (2.0, 3.0):
+            x2 = (x.detach() * scale).requires_grad_()
+            fused_cross_entropy(x2, y).backward()
+            del x2
+        inbox.put("your turn")
+        held = outbox.get(timeout=60)
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+            child.join()
+    overwritten = held != sent
+    assert not overwritten, "a gradient held by another process was overwritten by the sender's next step"
+
 def test_a_retained_graph_gives_the_same_gradient_twice():
     """The forward's gradient is handed over once; a second backward through a retained graph writes it
     again from the logits, so the two accumulate to twice the gradient, as with F.cross_entropy."""
