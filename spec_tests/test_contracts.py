@@ -932,6 +932,20 @@ BAD += [
         defect=True,
     ),
     Bad(
+        "fused_cross_entropy: zero classes names logits",
+        lambda: _fce(t(3, 0), torch.zeros(3, dtype=torch.int64)),
+        ValueError,
+        r"fused_cross_entropy: logits must be \[N, V\] with V >= 1 classes",
+        defect=True,
+    ),
+    Bad(
+        "fused_cross_entropy: sparse logits named logits",
+        lambda: _fce(t(3, 5).to_sparse(), _y3),
+        ValueError,
+        r"fused_cross_entropy: logits must be a dense \(strided\) tensor",
+        defect=True,
+    ),
+    Bad(
         "fused_cross_entropy: weight= is refused",
         lambda: _fce(t(3, 5), _y3, weight=torch.ones(5)),
         TypeError,
@@ -990,6 +1004,20 @@ BAD += [
         lambda: _flce(t(3, 4), t(5, 4), _y3[:, None]),
         ValueError,
         r"target",
+    ),
+    Bad(
+        "fused_linear_cross_entropy: a short target is blamed on input's rows",
+        lambda: _flce(t(3, 4), t(5, 4), _y3[:2]),
+        ValueError,
+        r"fused_linear_cross_entropy: target must be 1-D with one class per row of input \(3\)",
+        defect=True,
+    ),
+    Bad(
+        "fused_linear_cross_entropy: zero classes names linear_weight",
+        lambda: _flce(t(3, 4), t(0, 4), torch.zeros(3, dtype=torch.int64)),
+        ValueError,
+        r"fused_linear_cross_entropy: linear_weight must be \[V, H\] with V >= 1 classes",
+        defect=True,
     ),
     Bad(
         "fused_linear_cross_entropy: class beyond the weight's rows",
