@@ -53,7 +53,7 @@ __all__ = [
 
 
 def normalize_to(train: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both sets normalised with the TRAINING set's mean and std (the validation set must see the same map)."""
+    """Both sets normalised with the TRAINING set's mean and std: the validation set sees the same map."""
     contract.float_tensor("normalize_to", train=train, valid=valid)
     m, s = train.mean(), train.std()
     return normalize(train, m, s), normalize(valid, m, s)
@@ -195,8 +195,10 @@ def _build_norm(norm, nf: int) -> nn.Module:
     return norm(nf) if needs_size else norm()
 
 
-def conv_layer(ni: int, nf: int, ks: int = 3, stride: int = 2, bn: bool = True, norm=nn.BatchNorm2d, **kwargs):
-    """07's layer: ``Conv2d`` (no bias before a batch norm), ``GeneralRelu(**kwargs)``, then ``norm`` if ``bn``.
+def conv_layer(
+    ni: int, nf: int, ks: int = 3, stride: int = 2, bn: bool = True, norm=nn.BatchNorm2d, **kwargs
+):
+    """07's layer: ``Conv2d`` (no bias before a batch norm), ``GeneralRelu(**kwargs)``, ``norm`` if ``bn``.
 
     The norm comes after the activation, as in nb_07. ``norm`` is a class (``nn.BatchNorm2d``, minilib's
     ``BatchNorm``, ``LayerNorm``, ``InstanceNorm``, ``RunningBatchNorm``, ``FusedBatchNorm2d``...): built
@@ -259,6 +261,7 @@ def get_runner(model, data, lr=0.6, cbs=None, opt_func=None, loss_func=F.cross_e
 
 
 def get_learn_run(nfs, data, lr, layer=conv_layer, cbs=None, opt_func=None, uniform=False, **kwargs):
-    """The notebook's shortcut: ``get_cnn_model(data, nfs, layer, **kwargs)``, ``init_cnn``, ``get_runner``."""
+    """The notebook's shortcut: ``get_cnn_model(data, nfs, layer, **kwargs)``, ``init_cnn``, then
+    ``get_runner``."""
     model = init_cnn(get_cnn_model(data, nfs, layer, **kwargs), uniform=uniform)
     return get_runner(model, data, lr=lr, cbs=cbs, opt_func=opt_func)

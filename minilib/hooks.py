@@ -122,7 +122,9 @@ class Hooks(ListContainer):
     """
 
     def __init__(self, ms, f):
-        modules = [ms] if isinstance(ms, nn.Module) and not isinstance(ms, (nn.Sequential, nn.ModuleList)) else ms
+        modules = (
+            [ms] if isinstance(ms, nn.Module) and not isinstance(ms, (nn.Sequential, nn.ModuleList)) else ms
+        )
         super().__init__([Hook(m, f) for m in modules])
 
     def __enter__(self):
@@ -209,7 +211,9 @@ class ActivationStats(Callback):
 
     def __init__(self, mod_filter=None):
         if mod_filter is not None and not callable(mod_filter):
-            contract.fail("ActivationStats", "mod_filter", "None or a callable module -> bool", mod_filter, TypeError)
+            contract.fail(
+                "ActivationStats", "mod_filter", "None or a callable module -> bool", mod_filter, TypeError
+            )
         self.mod_filter = mod_filter
         self.hooks = None
 

@@ -89,12 +89,18 @@ def _record(hook, mod, inp, outp) -> None:
     hook.mean, hook.std = d.mean().item(), d.std().item()
 
 
+def _layer_name(model: nn.Module, m: nn.Module) -> str:
+    """``ConvLayer model[2]``: the layer's class and where it sits in the model, on one line."""
+    where = next((name for name, mod in model.named_modules() if mod is m), None)
+    return f"{type(m).__name__} " + (f"model.{where}" if where else "(not in the model)")
+
+
 def _measure(model, h: Hook, m, xb) -> None:
     model(xb)
     if not (math.isfinite(h.mean) and math.isfinite(h.std)) or h.std == 0:
         raise RuntimeError(
-            f"lsuv_module: the output of {m!r} has mean {h.mean} and std {h.std}: no finite, non-zero std "
-            "to scale by (check the batch and the layers before it)"
+            f"lsuv_module: the output of {_layer_name(model, m)} has mean {h.mean} and std {h.std}: no "
+            "finite, non-zero std to scale by (check the batch and the layers before it)"
         )
 
 
@@ -130,8 +136,8 @@ def lsuv_module(model: nn.Module, m: nn.Module, xb: torch.Tensor, *, tol: float 
                 else:
                     last = h.mean if loop == "mean" else h.std
                     raise RuntimeError(
-                        f"lsuv_module: the {loop} loop on {m!r} did not converge in {max_iters} iterations "
-                        f"(last {loop} {last:.6g}, tol {tol:g})"
+                        f"lsuv_module: the {loop} loop on {_layer_name(model, m)} did not converge in "
+                        f"{max_iters} iterations (last {loop} {last:.6g}, tol {tol:g})"
                     )
     finally:
         h.remove()

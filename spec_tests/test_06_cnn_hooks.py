@@ -49,7 +49,16 @@ from minilib.cnn import (
     view_tfm,
 )
 from minilib.data import DataBunch, Dataset, get_dls
-from minilib.hooks import ActivationStats, Hook, Hooks, ListContainer, append_stats, children, get_hist, get_min
+from minilib.hooks import (
+    ActivationStats,
+    Hook,
+    Hooks,
+    ListContainer,
+    append_stats,
+    children,
+    get_hist,
+    get_min,
+)
 from minilib.learner import Callback, CancelTrainException
 from minilib.loss import accuracy
 from minilib.testing import test_close, test_near
@@ -74,7 +83,10 @@ def databunch(mnist, bs: int) -> DataBunch:
 
 def callbacks():
     """The notebook's ``cbfs``: view each batch as images, average the loss and accuracy."""
-    return [partial(BatchTransformXCallback, mnist_view), partial(AvgStatsCallback, [accuracy], print_stats=False)]
+    return [
+        partial(BatchTransformXCallback, mnist_view),
+        partial(AvgStatsCallback, [accuracy], print_stats=False),
+    ]
 
 
 def valid_accuracy(run) -> float:
@@ -98,7 +110,9 @@ def telemetry(mnist):
         if name == "default":
             learn, run = get_runner(get_cnn_model(data, NFS), data, lr=0.9, cbs=cbs)
         else:
-            learn, run = get_learn_run(NFS, data, 0.9, conv_layer, cbs=cbs, bn=False, leak=0.1, sub=0.4, maxv=6.0)
+            learn, run = get_learn_run(
+                NFS, data, 0.9, conv_layer, cbs=cbs, bn=False, leak=0.1, sub=0.4, maxv=6.0
+            )
         run.fit(1, learn)
         runs[name] = run
     return runs
@@ -168,7 +182,9 @@ def test_batch_transform_callback_views_each_batch_before_the_model_sees_it(mnis
                 raise CancelTrainException()  # three batches are enough to see
 
     data = databunch(mnist, 64)
-    learn, run = get_runner(get_cnn_model(data, NFS), data, cbs=[partial(BatchTransformXCallback, mnist_view), SeeBatch])
+    learn, run = get_runner(
+        get_cnn_model(data, NFS), data, cbs=[partial(BatchTransformXCallback, mnist_view), SeeBatch]
+    )
     run.fit(1, learn)
     assert BatchTransformXCallback(mnist_view)._order == 2
     assert shapes == [(1, 28, 28)] * 3
@@ -393,7 +409,9 @@ def test_init_cnn_gives_every_conv_at_any_depth_kaimings_std_with_a_0_1_leak_and
     """``init_cnn`` walks ``m.modules()``: convs nested in Sequentials, in a ConvLayer, anywhere, get
     ``kaiming_normal_(a=0.1)`` (std ``gain(0.1) / sqrt(fan_in)``) or, with ``uniform=True``,
     ``kaiming_uniform_`` (bound ``sqrt(3)`` times that std), and a zero bias. Other layers keep theirs."""
-    model = nn.Sequential(nn.Sequential(nn.Sequential(nn.Conv2d(16, 256, 3))), conv_layer(256, 64), nn.Linear(4, 4))
+    model = nn.Sequential(
+        nn.Sequential(nn.Sequential(nn.Conv2d(16, 256, 3))), conv_layer(256, 64), nn.Linear(4, 4)
+    )
     linear_before = model[2].weight.clone()
     init_cnn(model)
     for conv, fan_in in ((model[0][0][0], 16 * 9), (model[1][0], 256 * 9)):

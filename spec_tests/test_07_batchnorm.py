@@ -66,8 +66,13 @@ def fit_one_epoch(mnist, layer, lr, nfs, bs=128, n_train=None, seed=0, **kwargs)
         data = DataBunch(*get_dls(Dataset(x_train, y_train), Dataset(x_valid, y_valid), bs), c=10)
     else:
         train = TorchDataLoader(Dataset(x_train[:n_train], y_train[:n_train]), batch_size=bs, shuffle=True)
-        data = DataBunch(train, TorchDataLoader(Dataset(x_valid[:1000], y_valid[:1000]), batch_size=500), c=10)
-    cbs = [partial(BatchTransformXCallback, mnist_view), partial(AvgStatsCallback, [accuracy], print_stats=False)]
+        data = DataBunch(
+            train, TorchDataLoader(Dataset(x_valid[:1000], y_valid[:1000]), batch_size=500), c=10
+        )
+    cbs = [
+        partial(BatchTransformXCallback, mnist_view),
+        partial(AvgStatsCallback, [accuracy], print_stats=False),
+    ]
     learn, run = get_learn_run(nfs, data, lr, layer, cbs=cbs, **kwargs)
     run.fit(1, learn)
     return tuple(run.avg_stats.valid_stats.avg_stats)
@@ -93,7 +98,9 @@ def test_batchnorm_in_training_is_pytorchs_formula_with_the_unbiased_variance():
         bn.adds.copy_(torch.tensor([-1.0, 0.0, 1.0]).view(3, 1, 1))
     m, v_unbiased = x.mean((0, 2, 3)), x.var((0, 2, 3))
     y = bn(x)
-    test_close(y, F.batch_norm(x, m, v_unbiased, bn.mults.flatten(), bn.adds.flatten(), training=False, eps=1e-5))
+    test_close(
+        y, F.batch_norm(x, m, v_unbiased, bn.mults.flatten(), bn.adds.flatten(), training=False, eps=1e-5)
+    )
     torch_bn = nn.BatchNorm2d(3).double()
     with torch.no_grad():
         torch_bn.weight.copy_(bn.mults.flatten())
