@@ -82,6 +82,8 @@ class ListContainer:
     def __getitem__(self, idx):
         if isinstance(idx, (int, slice)):
             return self.items[idx]
+        if not isinstance(idx, torch.Tensor) and hasattr(idx, "__array__"):
+            idx = torch.as_tensor(idx)  # a numpy array: its bools are numpy's, not Python's
         if isinstance(idx, torch.Tensor):
             idx = idx.tolist() if idx.dim() else idx.item()
             if not isinstance(idx, list):
