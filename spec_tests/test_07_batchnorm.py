@@ -198,12 +198,12 @@ def test_conv_layer_puts_the_norm_after_the_activation_and_keeps_the_conv_bias_o
 
 def test_with_batchnorm_the_cnn_trains_at_a_learning_rate_where_without_it_diverges(mnist):
     """The reason for the lesson. Lesson 06's CNN (init_cnn, ReLU) for one epoch at bs 128 and lr 2.0:
-    without a norm the loss goes to NaN or stays at ln(10) (measured, seeds 0, 1, 2, 5: accuracy
-    0.10-0.11); with the notebook's BatchNorm after each activation it reaches 0.65-0.93 (0.89 at the
-    seed used here). Asserted: > 0.5 with BatchNorm, < 0.3 without."""
+    without a norm the loss goes to NaN or the model barely learns (measured over seeds 0, 1, 2, 3, 5,
+    8: accuracy 0.10-0.31); with the notebook's BatchNorm after each activation it reaches 0.65-0.93
+    (0.89 at the seed used here). Asserted: > 0.5 with BatchNorm, and 0.3 better than without."""
     with_bn = fit_one_epoch(mnist, partial(conv_layer, norm=BatchNorm), 2.0, NFS4)
     without = fit_one_epoch(mnist, conv_layer, 2.0, NFS4, bn=False)
-    assert with_bn[1] > 0.5 and without[1] < 0.3, f"with BatchNorm {with_bn}, without {without}"
+    assert with_bn[1] > 0.5 and with_bn[1] > without[1] + 0.3, f"with BatchNorm {with_bn}, without {without}"
 
 
 # --- LayerNorm and InstanceNorm -------------------------------------------------------------------
@@ -274,7 +274,7 @@ def test_instance_norm_before_the_average_pool_makes_every_image_give_the_same_p
 def test_the_notebooks_layer_norm_nan_is_a_divergence_at_its_learning_rate_not_an_inability(mnist):
     """The notebook trained ``conv_ln`` at lr 0.8 and got NaN; the lesson asks why LayerNorm cannot
     classify. On the sample (07's five convs, bs 128, one epoch) lr 0.8 does diverge (measured, seeds
-    0-3 and 5: the loss passes 1e33 and turns NaN after ~40 batches), but at lr 0.4 the same model
+    0, 1, 2, 3, 5, 8: the loss passes 1e33 and turns NaN after ~40 batches), but at lr 0.4 the same model
     reaches 0.91-0.945: LayerNorm's single pair of statistics per image does not stop it classifying, it just
     does not give BatchNorm's tolerance of high learning rates. Asserted: NaN (or < 0.3) and > 0.8."""
     high = fit_one_epoch(mnist, conv_ln, 0.8, NFS5)
@@ -310,12 +310,12 @@ def test_at_batch_size_2_a_batch_norm_over_a_1x1_map_only_says_which_image_is_la
 
 def test_at_batch_size_2_running_batch_norm_trains_where_batch_norm_breaks(mnist):
     """The notebook's experiment, bounded: 07's five convs at batch size 2, one pass over the first 800
-    training images (400 steps) at lr 0.05, validated on 1,000 images. Measured over seeds 0, 1, 2, 5:
-    ``nn.BatchNorm2d`` 0.22-0.36 (the notebook, full MNIST: 0.26), ``RunningBatchNorm`` 0.80-0.89.
-    Asserted: < 0.5 and > 0.65."""
+    training images (400 steps) at lr 0.05, validated on 1,000 images. Measured over seeds 0, 1, 2, 3,
+    5, 8: ``nn.BatchNorm2d`` 0.22-0.45 (the notebook, full MNIST: 0.26), ``RunningBatchNorm`` 0.74-0.89,
+    at least 0.4 better in each. Asserted: BatchNorm2d < 0.6, RunningBatchNorm > 0.65 and 0.2 better."""
     bn = fit_one_epoch(mnist, conv_layer, 0.05, NFS5, bs=2, n_train=800)
     rbn = fit_one_epoch(mnist, conv_rbn, 0.05, NFS5, bs=2, n_train=800)
-    assert bn[1] < 0.5 and rbn[1] > 0.65, f"BatchNorm2d {bn}, RunningBatchNorm {rbn}"
+    assert bn[1] < 0.6 and rbn[1] > 0.65 and rbn[1] > bn[1] + 0.2, f"BatchNorm2d {bn}, RunningBatchNorm {rbn}"
 
 
 def test_running_batch_norms_mom1_weighs_a_bigger_batch_more():

@@ -38,7 +38,7 @@ def mnist(mnist_sample):
     return x_train, y_train, x_valid, y_valid
 
 
-def learn_run(mnist, seed: int = 0, bs: int = 128):
+def learn_run(mnist, seed: int = 0, bs: int = 128, lr: float = 0.6):
     """The notebook's ``get_learn_run(nfs, data, 0.6, ConvLayer, cbs=cbfs)``: init_cnn, then the Runner."""
     x_train, y_train, x_valid, y_valid = mnist
     torch.manual_seed(seed)
@@ -47,7 +47,7 @@ def learn_run(mnist, seed: int = 0, bs: int = 128):
         partial(BatchTransformXCallback, mnist_view),
         partial(AvgStatsCallback, [accuracy]),
     ]
-    return get_learn_run(NFS, data, 0.6, ConvLayer, cbs=cbs)
+    return get_learn_run(NFS, data, lr, ConvLayer, cbs=cbs)
 
 
 def conv_layers(model):
@@ -264,13 +264,15 @@ def test_statistics_that_are_not_finite_or_a_std_of_zero_stop_lsuv_at_once():
 
 def test_after_lsuv_the_cnn_trains_better_in_its_first_epoch(mnist):
     """The notebook: 2 epochs at lr 0.6 gave 0.9588 without LSUV and 0.9733 with it. On the sample, one
-    epoch at bs 128 and lr 0.6 (seeds 0, 1, 2, 5): 0.44-0.74 with init_cnn alone, 0.90-0.94 after LSUV.
-    Asserted: > 0.8 with LSUV, and at least 0.1 better than without."""
+    epoch at bs 128 and lr 0.45, measured over seeds 0-5: 0.54-0.88 with init_cnn alone, 0.89-0.96
+    after LSUV, better in every seed (by 0.05 to 0.35). Asserted: > 0.85 with LSUV, and better than
+    without. (At the notebook's lr 0.6 LSUV's first epoch diverged for one seed in six on the sample:
+    unit stds everywhere do not make every learning rate safe.)"""
     accs = {}
     for lsuv in (False, True):
-        learn, run = learn_run(mnist)
+        learn, run = learn_run(mnist, lr=0.45)
         if lsuv:
             lsuv_init(learn.model, get_batch(learn.data.train_dl, run)[0])
         run.fit(1, learn)
         accs[lsuv] = run.avg_stats.valid_stats.avg_stats[1]
-    assert accs[True] > 0.8 and accs[True] > accs[False] + 0.1, accs
+    assert accs[True] > 0.85 and accs[True] > accs[False], accs
