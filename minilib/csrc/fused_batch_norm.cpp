@@ -24,6 +24,10 @@
 // shifted sums in double (the shift, the column's first value, keeps them free of cancellation);
 // there the second sweep reads memory again.
 //
+// The second sweep walks the channel's rows backwards: the rows read last by the first sweep are
+// the likeliest to be still in cache. (A channel with its gradient, 1.5 MiB at the lesson's shapes,
+// nearly fills a 2 MiB L2; walked forwards again, each row would be evicted just before its turn.)
+//
 // Threads: OpenMP with torch's thread count (torch.set_num_threads applies), channels handed out
 // one at a time as threads come free, so a thread the OS pauses on a busy machine holds up less.
 
@@ -35,6 +39,9 @@
 #include <cstdint>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -61,45 +68,53 @@ struct Moments {
   }
 };
 
-float sum(const float* x, int64_t L) {
-  float acc[kLanes] = {};
+// Adds x[0..L) into acc (kLanes vector lanes) and tail (what does not fill a whole step).
+inline void add_sum(const float* x, int64_t L, float* acc, float& tail) {
   int64_t i = 0;
   for (; i + kLanes <= L; i += kLanes) {
 #pragma omp simd
     for (int k = 0; k < kLanes; ++k) acc[k] += x[i + k];
   }
-  float s = 0;
-  for (int k = 0; k < kLanes; ++k) s += acc[k];
-  for (; i < L; ++i) s += x[i];
-  return s;
+  for (; i < L; ++i) tail += x[i];
 }
 
-// The mean and M2 of one block x[0..L), in L1: a sum for the mean m, then sum(x - m) and
-// sum((x - m)^2), the first correcting m's rounding.
-void block_moments(const float* x, int64_t L, double& mean, double& m2) {
-  const float m = sum(x, L) / static_cast<float>(L);
-  float r_acc[kLanes] = {}, q_acc[kLanes] = {};
+// Adds sum(x - m) into r and sum((x - m)^2) into q, likewise.
+inline void add_centered(const float* x, int64_t L, float m, float* r, float* q, float& r_tail,
+                         float& q_tail) {
   int64_t i = 0;
   for (; i + kLanes <= L; i += kLanes) {
 #pragma omp simd
     for (int k = 0; k < kLanes; ++k) {
       const float d = x[i + k] - m;
-      r_acc[k] += d;
-      q_acc[k] += d * d;
+      r[k] += d;
+      q[k] += d * d;
     }
-  }
-  float r = 0, q = 0;
-  for (int k = 0; k < kLanes; ++k) {
-    r += r_acc[k];
-    q += q_acc[k];
   }
   for (; i < L; ++i) {
     const float d = x[i] - m;
-    r += d;
-    q += d * d;
+    r_tail += d;
+    q_tail += d * d;
   }
-  mean = static_cast<double>(m) + static_cast<double>(r) / L;
-  m2 = std::max(0.0, static_cast<double>(q) - static_cast<double>(r) * r / L);
+}
+
+inline float total(const float* acc, float tail) {
+  float s = tail;
+  for (int k = 0; k < kLanes; ++k) s += acc[k];
+  return s;
+}
+
+// The mean and M2 of one block, G runs of L values (run g at x + g * stride), all in L1 together: a
+// sum for the mean m, then sum(x - m) and sum((x - m)^2), the first correcting m's rounding.
+void block_moments(const float* x, int64_t stride, int64_t G, int64_t L, double& mean, double& m2) {
+  const double n = static_cast<double>(G * L);
+  float acc[kLanes] = {}, tail = 0;
+  for (int64_t g = 0; g < G; ++g) add_sum(x + g * stride, L, acc, tail);
+  const float m = static_cast<float>(total(acc, tail) / n);
+  float r[kLanes] = {}, q[kLanes] = {}, r_tail = 0, q_tail = 0;
+  for (int64_t g = 0; g < G; ++g) add_centered(x + g * stride, L, m, r, q, r_tail, q_tail);
+  const double rs = total(r, r_tail), qs = total(q, q_tail);
+  mean = static_cast<double>(m) + rs / n;
+  m2 = std::max(0.0, qs - rs * rs / n);
 }
 
 // sum(dy) and sum(dy * d) over one block, d = (x - hi) - lo: the backward's two sums.
@@ -128,6 +143,56 @@ void block_grad_sums(const float* dy, const float* x, int64_t L, float hi, float
   s_dyd += b;
 }
 
+// Outputs at least this large are written with streaming (non-temporal) stores: they go to memory
+// without first reading each line into cache (a plain store reads the line it writes, so writing
+// costs two transfers) and without evicting the channel the second sweep is reading. Smaller outputs
+// stay in cache for the next layer.
+constexpr int64_t kStreamBytes = int64_t{16} << 20;
+
+// q[0..L) = ((x - hi) - lo) * a + b: the forward's output, and (x = dy, b = 0, a = g, plus
+// k2 * ((x2 - hi) - lo) + k3) the backward's. One loop body for both: with ``x2`` null, it is the forward.
+inline void write_affine(float* q, const float* x, const float* x2, int64_t L, float hi, float lo, float a,
+                         float b, float k2, bool stream) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  if (stream) {
+    // Plain stores up to a 64-byte boundary, then whole aligned vectors streamed, then the tail.
+    for (; i < L && (reinterpret_cast<uintptr_t>(q + i) & 63) != 0; ++i)
+      q[i] = x2 ? a * x[i] + k2 * ((x2[i] - hi) - lo) + b : ((x[i] - hi) - lo) * a + b;
+    const __m512 vhi = _mm512_set1_ps(hi), vlo = _mm512_set1_ps(lo), va = _mm512_set1_ps(a),
+                 vb = _mm512_set1_ps(b), vk2 = _mm512_set1_ps(k2);
+    if (x2) {
+      for (; i + 16 <= L; i += 16) {
+        const __m512 d = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x2 + i), vhi), vlo);
+        const __m512 v = _mm512_add_ps(_mm512_mul_ps(va, _mm512_loadu_ps(x + i)), _mm512_mul_ps(vk2, d));
+        _mm512_stream_ps(q + i, _mm512_add_ps(v, vb));
+      }
+    } else {
+      for (; i + 16 <= L; i += 16) {
+        const __m512 d = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vhi), vlo);
+        _mm512_stream_ps(q + i, _mm512_add_ps(_mm512_mul_ps(d, va), vb));
+      }
+    }
+  }
+#else
+  (void)stream;
+#endif
+  if (x2) {
+#pragma omp simd
+    for (int64_t j = i; j < L; ++j) q[j] = a * x[j] + k2 * ((x2[j] - hi) - lo) + b;
+  } else {
+#pragma omp simd
+    for (int64_t j = i; j < L; ++j) q[j] = ((x[j] - hi) - lo) * a + b;
+  }
+}
+
+// Streaming stores are weakly ordered: make them visible before the kernel returns.
+inline void stream_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
+
 // The float pair hi + lo nearest the double v: x - hi is exact for x near v, lo carries the rest.
 inline void split(double v, float& hi, float& lo) {
   hi = static_cast<float>(v);
@@ -149,8 +214,15 @@ void advise_huge_pages(const torch::Tensor& t) {
 #endif
 }
 
-// A new tensor with x's shape and strides (channels-last stays channels-last), advised huge pages.
-torch::Tensor empty_like_advised(const torch::Tensor& x) {
+// The output: ``out`` if given (a reused buffer, which must have x's shape and strides), else a new
+// tensor with x's shape and strides (channels-last stays channels-last), advised huge pages.
+torch::Tensor output_like(const torch::Tensor& x, const c10::optional<torch::Tensor>& out) {
+  if (out.has_value() && out->defined()) {
+    TORCH_CHECK(out->scalar_type() == torch::kFloat32 && out->device().is_cpu() &&
+                    out->sizes() == x.sizes() && out->strides() == x.strides(),
+                "fused_batch_norm: out must have input's shape, strides and dtype");
+    return *out;
+  }
   auto t = torch::empty_like(x, at::MemoryFormat::Preserve);
   advise_huge_pages(t);
   return t;
@@ -218,7 +290,8 @@ std::vector<torch::Tensor> forward(const torch::Tensor& x, int64_t C, int64_t S,
                                    const c10::optional<torch::Tensor>& weight,
                                    const c10::optional<torch::Tensor>& bias,
                                    const c10::optional<torch::Tensor>& mean_in,
-                                   const c10::optional<torch::Tensor>& var_in, double eps, bool training) {
+                                   const c10::optional<torch::Tensor>& var_in, double eps, bool training,
+                                   const c10::optional<torch::Tensor>& out) {
   const Layout L = check(x, C, S, "input");
   const int64_t M = L.R * L.S;  // values per channel
   auto opts = torch::TensorOptions().dtype(torch::kFloat64);
@@ -232,7 +305,8 @@ std::vector<torch::Tensor> forward(const torch::Tensor& x, int64_t C, int64_t S,
     var = var_in->to(torch::kFloat64).contiguous();
   }
   const std::vector<float> w = per_channel(weight, C, 1.0f), b = per_channel(bias, C, 0.0f);
-  torch::Tensor y = empty_like_advised(x);
+  torch::Tensor y = output_like(x, out);
+  const bool stream = x.numel() * int64_t{4} >= kStreamBytes;
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   double* mp = mean.data_ptr<double>();
@@ -243,13 +317,16 @@ std::vector<torch::Tensor> forward(const torch::Tensor& x, int64_t C, int64_t S,
     for_each_channel(C, [&](int64_t c) {
       if (training) {
         Moments mom;
-        for (int64_t r = 0; r < L.R; ++r) {
+        // Blocks of about kBlock values: G whole runs when a run is short, else pieces of one run.
+        const int64_t G = std::max<int64_t>(1, kBlock / S);
+        for (int64_t r = 0; r < L.R; r += G) {
+          const int64_t g = std::min(G, L.R - r);
           const float* p = xp + r * row + c * S;
           for (int64_t s = 0; s < S; s += kBlock) {
             const int64_t n = std::min(kBlock, S - s);
             double mb, qb;
-            block_moments(p + s, n, mb, qb);
-            mom.merge(static_cast<double>(n), mb, qb);
+            block_moments(p + s, row, g, n, mb, qb);
+            mom.merge(static_cast<double>(g * n), mb, qb);
           }
         }
         mp[c] = mom.mean;
@@ -258,12 +335,11 @@ std::vector<torch::Tensor> forward(const torch::Tensor& x, int64_t C, int64_t S,
       float hi, lo;
       split(mp[c], hi, lo);
       const float a = static_cast<float>(w[c] / std::sqrt(vp[c] + eps)), sh = b[c];
-      for (int64_t r = 0; r < L.R; ++r) {  // the channel again, now from cache
+      for (int64_t r = L.R - 1; r >= 0; --r) {  // the channel again, from cache, last rows first
         const float* p = xp + r * row + c * S;
-        float* q = yp + r * row + c * S;
-#pragma omp simd
-        for (int64_t s = 0; s < S; ++s) q[s] = ((p[s] - hi) - lo) * a + sh;
+        write_affine(yp + r * row + c * S, p, nullptr, S, hi, lo, a, sh, 0.0f, stream);
       }
+      if (stream) stream_fence();
     });
     return {y, mean, var};
   }
@@ -319,7 +395,8 @@ std::vector<torch::Tensor> forward(const torch::Tensor& x, int64_t C, int64_t S,
 // Returns {dx (undefined unless need_dx), dweight = sum(dy * xhat), dbias = sum(dy)} (float32 [C]).
 std::vector<torch::Tensor> backward(const torch::Tensor& dy, const torch::Tensor& x, int64_t C, int64_t S,
                                     const c10::optional<torch::Tensor>& weight, const torch::Tensor& mean_in,
-                                    const torch::Tensor& var_in, double eps, bool training, bool need_dx) {
+                                    const torch::Tensor& var_in, double eps, bool training, bool need_dx,
+                                    const c10::optional<torch::Tensor>& out) {
   const Layout L = check(x, C, S, "input");
   check(dy, C, S, "grad_output");
   TORCH_CHECK(dy.strides() == x.strides() && dy.sizes() == x.sizes(),
@@ -328,7 +405,8 @@ std::vector<torch::Tensor> backward(const torch::Tensor& dy, const torch::Tensor
   const torch::Tensor mean = mean_in.to(torch::kFloat64).contiguous();
   const torch::Tensor var = var_in.to(torch::kFloat64).contiguous();
   const std::vector<float> w = per_channel(weight, C, 1.0f);
-  torch::Tensor dx = need_dx ? empty_like_advised(x) : torch::Tensor();
+  torch::Tensor dx = need_dx ? output_like(x, out) : torch::Tensor();
+  const bool stream = x.numel() * int64_t{4} >= kStreamBytes;
   auto sum_dy = torch::empty({C}, torch::kFloat64), sum_dyd = torch::empty({C}, torch::kFloat64);
   const float* xp = x.data_ptr<float>();
   const float* gp = dy.data_ptr<float>();
@@ -362,13 +440,12 @@ std::vector<torch::Tensor> backward(const torch::Tensor& dy, const torch::Tensor
       if (!need_dx) return;
       float g, k2, k3;
       coefficients(c, g, k2, k3);
-      for (int64_t r = 0; r < L.R; ++r) {  // the channel again, now from cache
+      for (int64_t r = L.R - 1; r >= 0; --r) {  // the channel again, from cache, last rows first
         const int64_t o = r * row + c * S;
         const float *gq = gp + o, *xq = xp + o;
-        float* dq = dp + o;
-#pragma omp simd
-        for (int64_t s = 0; s < S; ++s) dq[s] = g * gq[s] + k2 * ((xq[s] - hi) - lo) + k3;
+        write_affine(dp + o, gq, xq, S, hi, lo, g, k3, k2, stream);
       }
+      if (stream) stream_fence();
     });
   } else {
     for_channel_ranges(C, S, [&](int64_t c0, int64_t c1) {
@@ -394,7 +471,7 @@ std::vector<torch::Tensor> backward(const torch::Tensor& dy, const torch::Tensor
         s1p[c] = sa, s2p[c] = sb;
         float gc, k2c, k3c;
         coefficients(c, gc, k2c, k3c);
-        for (int64_t s = 0; s < S; ++s) g[(c - c0) * S + s] = gc, k2[(c - c0) * S + s] = k2c, k3[(c - c0) * S + s] = k3c;
+        for (int64_t j = (c - c0) * S; j < (c - c0 + 1) * S; ++j) g[j] = gc, k2[j] = k2c, k3[j] = k3c;
       }
       if (!need_dx) return;
       for (int64_t r = 0; r < L.R; ++r) {
@@ -410,13 +487,23 @@ std::vector<torch::Tensor> backward(const torch::Tensor& dy, const torch::Tensor
   return {dx, (sum_dyd * inv).to(torch::kFloat32), sum_dy.to(torch::kFloat32)};
 }
 
+// A new float32 [n] tensor whose memory asked for huge pages (a buffer to be reused as outputs).
+torch::Tensor empty_advised(int64_t n) {
+  auto t = torch::empty({n}, torch::kFloat32);
+  advise_huge_pages(t);
+  return t;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "minilib's fused batch norm for CPU float32 (two sweeps per channel, the second in cache)";
   // The GIL is released while the kernels run: they touch no Python object.
   m.def("forward", &forward, "batch norm forward: y, and in training the batch mean and biased variance",
         py::arg("x"), py::arg("C"), py::arg("S"), py::arg("weight"), py::arg("bias"), py::arg("mean"),
-        py::arg("var"), py::arg("eps"), py::arg("training"), py::call_guard<py::gil_scoped_release>());
+        py::arg("var"), py::arg("eps"), py::arg("training"), py::arg("out") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
   m.def("backward", &backward, "batch norm backward: dx, dweight, dbias", py::arg("grad_output"),
         py::arg("x"), py::arg("C"), py::arg("S"), py::arg("weight"), py::arg("mean"), py::arg("var"),
-        py::arg("eps"), py::arg("training"), py::arg("need_dx"), py::call_guard<py::gil_scoped_release>());
+        py::arg("eps"), py::arg("training"), py::arg("need_dx"), py::arg("out") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("empty_advised", &empty_advised, "a new float32 [n] tensor advised to use huge pages");
 }
