@@ -160,18 +160,25 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def torch_batch_norm(x, weight, bias, mean, var, eps, training):
     """(y, batch mean, biased batch variance), differentiable in x, weight and bias; in training the
-    statistics are the batch's own (and the gradient flows through them), in eval the given ``mean``
-    and ``var``. Half precision is computed in float32 and returned in x's dtype."""
+    statistics are the batch's own (and the gradient flows through them; the mean comes back detached,
+    in float64), in eval the given ``mean`` and ``var``. Half precision is computed in float32 and
+    returned in x's dtype."""
     cdt = _compute_dtype(x.dtype)
     shape = (1, -1) + (1,) * (x.dim() - 2)
     xc = x.to(cdt)
     if training:
-        dims = [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(xc, dims, correction=0)
+        # Statistics of x minus each channel's first value (a constant: the gradient is unchanged), so that
+        # the mean that is subtracted is small and precise even when the channel's mean is 1e4.
+        pivot = xc.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)].reshape(shape)
+        xc = xc - pivot
+        var, shifted = torch.var_mean(xc, [0, *range(2, x.dim())], correction=0)
+        mean = shifted.detach().to(torch.float64) + pivot.reshape(-1).to(torch.float64)
+    else:
+        shifted = mean.to(cdt)
     scale = torch.rsqrt(var.to(cdt) + eps)
     if weight is not None:
         scale = scale * weight.to(cdt)
-    y = (xc - mean.to(cdt).reshape(shape)) * scale.reshape(shape)
+    y = (xc - shifted.reshape(shape)) * scale.reshape(shape)
     if bias is not None:
         y = y + bias.to(cdt).reshape(shape)
     return y.to(x.dtype), mean, var

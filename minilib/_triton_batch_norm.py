@@ -26,9 +26,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 
-__all__ = ["BLOCK", "TARGET_PROGRAMS", "triton_forward", "triton_backward"]
+__all__ = ["INTERPRET", "BLOCK", "TARGET_PROGRAMS", "triton_forward", "triton_backward"]
 
+#: True when the kernels below run in Triton's interpreter (TRITON_INTERPRET=1 at import time).
+INTERPRET: bool = bool(knobs.runtime.interpret)
 #: Values per block (per program step).
 BLOCK = 1024
 #: About this many programs per reduction: enough to fill a large GPU's multiprocessors several times.
@@ -54,7 +57,8 @@ def _partial_moments(x_ptr, count_ptr, mean_ptr, m2_ptr, M, C, S, per_program, P
     for k in range(0, per_program, BLOCK):
         i = p * per_program + k + tl.arange(0, BLOCK)
         mask = i < M
-        x = tl.load(x_ptr + _offsets(i, c, C, S), mask=mask, other=0.0).to(tl.float32) - pivot
+        x = tl.load(x_ptr + _offsets(i, c, C, S), mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(mask, x - pivot, 0.0)
         cnt = tl.sum(mask.to(tl.float32), axis=0)
         safe = tl.maximum(cnt, 1.0)
         m_b = tl.sum(x, axis=0) / safe

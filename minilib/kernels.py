@@ -586,7 +586,7 @@ def _check_batch_norm(fname, input, running_mean, running_var, weight, bias, tra
     if training and per_channel == 1:
         contract.fail(
             fname, "input",
-            "more than 1 value per channel when training (a variance of one value is 0)",
+            "a batch with more than 1 value per channel when training (the variance of one value is 0)",
             f"input size {list(input.shape)}",
         )  # fmt: skip
 
