@@ -524,7 +524,7 @@ class _FusedBatchNorm(torch.autograd.Function):
             y, mean, var = backend.forward(xk, C, S, weight, bias, None, None, eps, True)
             _cpu_bn.update_running_stats(running_mean, running_var, mean, var, x.numel() // C, momentum)
         else:  # copies in float64: a later training step may change the buffers before this backward
-            mean, var = running_mean.to(torch.float64), running_var.to(torch.float64)
+            mean, var = running_mean.to(torch.float64, copy=True), running_var.to(torch.float64, copy=True)
             y, _, _ = backend.forward(xk, C, S, weight, bias, mean, var, eps, False)
         ctx.options = (training, eps, backend)
         # x itself, not xk: with create_graph=True the saved x is the one connected to the graph.
