@@ -1246,6 +1246,110 @@ UNTOUCHED += [
     ),
 ]
 
+# ------------------------------------------------------------------------ fused batch norm
+
+_fbn = kernels.fused_batch_norm
+
+
+def _bn(**changes):
+    """fused_batch_norm on a [4, 3, 5, 5] batch with good buffers and parameters, some replaced."""
+    args = dict(input=t(4, 3, 5, 5), running_mean=torch.zeros(3), running_var=torch.ones(3),
+                weight=torch.ones(3), bias=torch.zeros(3), training=True)  # fmt: skip
+    args.update(changes)
+    return _fbn(**args)
+
+
+BAD += [
+    Bad(
+        "fused_batch_norm: momentum None",
+        lambda: _bn(momentum=None),
+        TypeError,
+        r"fused_batch_norm: momentum",
+    ),
+    Bad("fused_batch_norm: 1-D input", lambda: _bn(input=t(6)), ValueError, r"fused_batch_norm: input .*2-D"),
+    Bad(
+        "fused_batch_norm: int input",
+        lambda: _bn(input=torch.ones(4, 3, dtype=torch.int64)),
+        ValueError,
+        r"fused_batch_norm: input must be a floating-point",
+    ),
+    Bad("fused_batch_norm: input a list", lambda: _bn(input=[[1.0]]), TypeError, r"fused_batch_norm: input"),
+    Bad(
+        "fused_batch_norm: weight [4] for 3 channels", lambda: _bn(weight=t(4)), ValueError, r"weight .*\[3\]"
+    ),
+    Bad(
+        "fused_batch_norm: bias float64 for float32 input",
+        lambda: _bn(bias=torch.zeros(3, dtype=torch.float64)),
+        ValueError,
+        r"fused_batch_norm: bias must be float32",
+    ),
+    Bad(
+        "fused_batch_norm: running_mean on another device",
+        lambda: _bn(running_mean=torch.zeros(3, device="meta")),
+        ValueError,
+        r"fused_batch_norm: running_mean must be on input's device",
+    ),
+    Bad(
+        "fused_batch_norm: running_var [3, 1]",
+        lambda: _bn(running_var=torch.ones(3, 1)),
+        ValueError,
+        r"fused_batch_norm: running_var",
+    ),
+    Bad(
+        "fused_batch_norm: eval without running_mean",
+        lambda: _bn(running_mean=None, training=False),
+        ValueError,
+        r"fused_batch_norm: running_mean .*eval",
+    ),
+    Bad(
+        "fused_batch_norm: eval without running_var",
+        lambda: _bn(running_var=None, training=False),
+        ValueError,
+        r"fused_batch_norm: running_var .*eval",
+    ),
+    Bad(
+        "fused_batch_norm: one value per channel in training",
+        lambda: _bn(input=t(1, 3)),
+        ValueError,
+        r"fused_batch_norm: input must be a batch with more than 1 value per channel",
+    ),
+    Bad(
+        "fused_batch_norm: training 'yes'", lambda: _bn(training="yes"), TypeError, r"training must be a bool"
+    ),
+    Bad("fused_batch_norm: eps -1", lambda: _bn(eps=-1.0), ValueError, r"fused_batch_norm: eps"),
+    Bad(
+        "FusedBatchNorm2d: 3-D input",
+        lambda: kernels.FusedBatchNorm2d(3)(t(4, 3, 5)),
+        ValueError,
+        r"FusedBatchNorm2d: input must be 4-D",
+    ),
+    Bad("FusedBatchNorm2d: num_features 0", lambda: kernels.FusedBatchNorm2d(0), ValueError, r"num_features"),
+]
+
+UNTOUCHED += [
+    Untouched(
+        "fused_batch_norm forward+backward (the running buffers are updated, by design)",
+        lambda x, w, b: (
+            _fbn(
+                x.detach().requires_grad_(),
+                torch.zeros(3),
+                torch.ones(3),
+                w.detach().requires_grad_(),
+                b.detach().requires_grad_(),
+                training=True,
+            )
+            .sum()
+            .backward()
+        ),
+        lambda: (t(4, 3, 5, 5), t(3), t(3)),
+    ),  # fmt: skip
+    Untouched(
+        "fused_batch_norm channels-last, eval",
+        lambda x, rm, rv: _fbn(x, rm, rv.abs(), training=False),
+        lambda: (t(4, 3, 5, 5).contiguous(memory_format=torch.channels_last), t(3), t(3)),
+    ),
+]
+
 # ------------------------------------------------------------------------ the claims over both tables
 
 

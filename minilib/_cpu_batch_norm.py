@@ -1,0 +1,195 @@
+"""The CPU side of `minilib.kernels.fused_batch_norm`: a C++ kernel built on first use, a torch fallback.
+
+Beyond lesson 07 (07_batchnorm): the lesson's BatchNorm in two sweeps over each channel instead of six.
+
+- ``load_extension()`` compiles ``minilib/csrc/fused_batch_norm.cpp`` the first time it is needed
+  (``minilib._cpp_extension``: -O3 -march=native -fopenmp, cached in ``$TORCH_EXTENSIONS_DIR``). If the
+  build fails it warns once and returns None, and ``minilib.kernels`` uses ``torch_batch_norm``;
+  ``MINILIB_NO_EXTENSION=1`` skips the build and always uses the fallback.
+- ``kernel_layout(x)`` says how the kernels see a tensor: memory of ``[R, C, S]`` (R rows, C channels, S
+  values per channel per row). Contiguous ``[N, C, *]`` is ``R = N``, ``S = prod(*)``; channels-last
+  (4-D ``channels_last``, 5-D ``channels_last_3d``) is ``R = N x prod(*)``, ``S = 1``, read in place;
+  any other layout (a transpose, a slice with gaps, an expanded gradient) is copied to contiguous first.
+- ``cpp_forward`` / ``cpp_backward`` call the C++ kernel; the Triton kernels
+  (``minilib._triton_batch_norm``) have the same interface.
+- ``torch_batch_norm`` is the fallback, and the path for dtypes and devices without a kernel: the same
+  mathematics in torch ops (``torch.var_mean``, which is accurate for large means, then one affine
+  map), differentiable by autograd, so its gradients flow through the batch statistics; also what the
+  kernels' backward uses for second derivatives.
+
+The kernels return the batch mean and the biased variance in float64 ``[C]``; the running buffers are
+updated from them by ``update_running_stats``, once, whatever path ran.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+
+from minilib._cpp_extension import CSRC, build, load_once, status
+
+__all__ = [
+    "load_extension",
+    "extension_status",
+    "kernel_layout",
+    "cpp_forward",
+    "cpp_backward",
+    "torch_batch_norm",
+    "update_running_stats",
+]
+
+_SOURCE = CSRC / "fused_batch_norm.cpp"
+_NAME = "minilib_fused_batch_norm"
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"module": None, "tried": False, "error": None}
+
+
+def load_extension():
+    """The compiled module (``forward``, ``backward``), built on first call; None if it cannot be built."""
+    # `_build` is looked up at each call, so a test can simulate a failed build by replacing it.
+    return load_once(_state, _lock, lambda: _build(), "minilib.kernels.fused_batch_norm")
+
+
+def _build():
+    return build(_NAME, _SOURCE)
+
+
+def extension_status() -> str:
+    """'cpp' if the C++ kernel is loaded, else why not (after the first call to ``load_extension``)."""
+    return status(_state)
+
+
+def kernel_layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(x or a contiguous copy, C, S): the kernels read the returned tensor's memory as [R, C, S]."""
+    C = x.shape[1]
+    spatial = math.prod(x.shape[2:])
+    if x.is_contiguous():
+        return x, C, spatial
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if channels_last is not None and x.is_contiguous(memory_format=channels_last):
+        return x, C, 1
+    return x.contiguous(), C, spatial
+
+
+def same_layout(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``grad`` with ``x``'s strides (the kernels walk both with one index), copied only if needed."""
+    if grad.stride() == x.stride():
+        return grad
+    return torch.empty_like(x).copy_(grad)  # empty_like keeps x's strides: x is dense
+
+
+class OutputBuffers:
+    """Large outputs (y, dx) written into buffers that are kept after their last user lets go of them and
+    reused by a later call of the same size.
+
+    A fresh 50 MiB tensor costs a page fault per page on first write, and the kernel zeroes every page:
+    measured here, ``torch.empty_like(x).copy_(x)`` took about twice as long as ``y.copy_(x)``, the very
+    floor the kernel aims at. So, as PyTorch's CUDA caching allocator does for GPU memory, up to
+    ``SLOTS`` buffers are kept, and one is handed out again only when nothing else refers to its memory:
+    the tensor handed out is a second tensor on the buffer's storage, and while it (or a view, or its
+    storage) lives, the storage's use count says so and another buffer is used. The tensor handed out is
+    not a view (``set_``), so autograd lets the caller modify it in place (an in-place ReLU after the
+    norm). Buffers under ``MIN_BYTES`` are left to the allocator, which recycles small blocks itself.
+    """
+
+    SLOTS = 4
+    MIN_BYTES = 4 << 20
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.Tensor] = []  # most recently used last
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _only_ours(buf: torch.Tensor) -> bool:
+        count = getattr(torch._C, "_storage_Use_Count", None)
+        if count is None:  # without the count we cannot know: never reuse
+            return False
+        return count(buf.untyped_storage()._cdata) <= 2  # our tensor and the storage object just made
+
+    def take(self, like: torch.Tensor) -> torch.Tensor | None:
+        """A float32 tensor with ``like``'s shape and strides that nobody else holds, or None (small)."""
+        n = like.numel()
+        if n * 4 < self.MIN_BYTES:
+            return None
+        with self._lock:
+            free = next((b for b in self._buffers if b.numel() == n and self._only_ours(b)), None)
+            if free is None:
+                free = load_extension().empty_advised(n)
+                if len(self._buffers) >= self.SLOTS:
+                    self._buffers.pop(0)
+            else:
+                self._buffers.remove(free)
+            self._buffers.append(free)
+            return torch.empty(0, dtype=torch.float32).set_(
+                free.untyped_storage(), 0, like.shape, like.stride()
+            )
+
+    def release(self) -> None:
+        """Drop every kept buffer (memory still in use by callers stays theirs)."""
+        with self._lock:
+            self._buffers.clear()
+
+
+OUTPUT_BUFFERS = OutputBuffers()
+
+
+def cpp_forward(x, C, S, weight, bias, mean, var, eps, training):
+    """(y with x's layout, batch mean, biased batch variance) by the C++ kernel; in eval (``mean``, ``var``
+    given as float64 [C]) y from them, and the same mean and var back."""
+    out = OUTPUT_BUFFERS.take(x)
+    y, mean, var = load_extension().forward(x, C, S, weight, bias, mean, var, eps, training, out)
+    return y, mean, var
+
+
+def cpp_backward(grad_out, x, C, S, weight, mean, var, eps, training, need_input_grad):
+    """(dx or None, dweight, dbias) by the C++ kernel; in training through the batch statistics."""
+    out = OUTPUT_BUFFERS.take(x) if need_input_grad else None
+    dx, dw, db = load_extension().backward(
+        same_layout(grad_out, x), x, C, S, weight, mean, var, eps, training, need_input_grad, out
+    )
+    return (dx if need_input_grad else None), dw, db
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half precisions are computed in float32 (as F.batch_norm does); float32/64 keep their own.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def torch_batch_norm(x, weight, bias, mean, var, eps, training):
+    """(y, batch mean, biased batch variance), differentiable in x, weight and bias; in training the
+    statistics are the batch's own (and the gradient flows through them; the mean comes back detached,
+    in float64), in eval the given ``mean`` and ``var``. Half precision is computed in float32 and
+    returned in x's dtype."""
+    cdt = _compute_dtype(x.dtype)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    xc = x.to(cdt)
+    if training:
+        # Statistics of x minus each channel's first value (a constant: the gradient is unchanged), so that
+        # the mean that is subtracted is small and precise even when the channel's mean is 1e4.
+        pivot = xc.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)].reshape(shape)
+        xc = xc - pivot
+        var, shifted = torch.var_mean(xc, [0, *range(2, x.dim())], correction=0)
+        mean = shifted.detach().to(torch.float64) + pivot.reshape(-1).to(torch.float64)
+    else:
+        shifted = mean.to(cdt)
+    scale = torch.rsqrt(var.to(cdt) + eps)
+    if weight is not None:
+        scale = scale * weight.to(cdt)
+    y = (xc - shifted.reshape(shape)) * scale.reshape(shape)
+    if bias is not None:
+        y = y + bias.to(cdt).reshape(shape)
+    return y.to(x.dtype), mean, var
+
+
+@torch.no_grad()
+def update_running_stats(running_mean, running_var, mean, var, n: int, momentum: float) -> None:
+    """PyTorch's update, in place: running = (1 - momentum) running + momentum batch, where the batch's
+    variance is the unbiased one (n / (n - 1) times the biased variance used to normalise)."""
+    if running_mean is not None:
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+    if running_var is not None:
+        unbiased = var.to(torch.float64) * (n / (n - 1))
+        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
