@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["EXTENSION_FLAGS", "CSRC", "cpu_tag", "build", "load_once", "status"]
+__all__ = ["EXTENSION_FLAGS", "CSRC", "cpu_tag", "headers_tag", "build", "load_once", "status"]
 
 #: Where the kernels' sources live (shipped as package data).
 CSRC = Path(__file__).parent / "csrc"
@@ -47,6 +47,14 @@ def cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
+def headers_tag() -> str:
+    """A short fingerprint of the headers the kernels share (``csrc/*.h``)."""
+    digest = hashlib.sha1()
+    for header in sorted(CSRC.glob("*.h")):
+        digest.update(header.read_bytes())
+    return digest.hexdigest()[:8]
+
+
 def build(name: str, source: Path):
     """(module, None) once ``source`` compiles as extension ``name`` with one of EXTENSION_FLAGS, else
     (None, why not)."""
@@ -59,8 +67,9 @@ def build(name: str, source: Path):
     for i, flags in enumerate(EXTENSION_FLAGS):
         try:
             module = cpp_extension.load(
-                # A cache folder per flag set (a fallback build never evicts the first) and per CPU.
-                name=f"{name}_{i}_{cpu_tag()}",
+                # A cache folder per flag set (a fallback build never evicts the first), per CPU and per
+                # version of the shared headers (torch's cache notices changed sources, not headers).
+                name=f"{name}_{i}_{cpu_tag()}_{headers_tag()}",
                 sources=[str(source)],
                 extra_cflags=list(flags),
                 extra_ldflags=["-fopenmp"],

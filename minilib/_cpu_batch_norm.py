@@ -81,72 +81,39 @@ def same_layout(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x).copy_(grad)  # empty_like keeps x's strides: x is dense
 
 
-class OutputBuffers:
-    """Large outputs (y, dx) written into buffers that are kept after their last user lets go of them and
-    reused by a later call of the same size.
-
-    A fresh 50 MiB tensor costs a page fault per page on first write, and the kernel zeroes every page:
-    measured here, ``torch.empty_like(x).copy_(x)`` took about twice as long as ``y.copy_(x)``, the very
-    floor the kernel aims at. So, as PyTorch's CUDA caching allocator does for GPU memory, up to
-    ``SLOTS`` buffers are kept, and one is handed out again only when nothing else refers to its memory:
-    the tensor handed out is a second tensor on the buffer's storage, and while it (or a view, or its
-    storage) lives, the storage's use count says so and another buffer is used. The tensor handed out is
-    not a view (``set_``), so autograd lets the caller modify it in place (an in-place ReLU after the
-    norm). Buffers under ``MIN_BYTES`` are left to the allocator, which recycles small blocks itself.
-    """
-
-    SLOTS = 4
-    MIN_BYTES = 4 << 20
-
-    def __init__(self) -> None:
-        self._buffers: list[torch.Tensor] = []  # most recently used last
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _only_ours(buf: torch.Tensor) -> bool:
-        count = getattr(torch._C, "_storage_Use_Count", None)
-        if count is None:  # without the count we cannot know: never reuse
-            return False
-        return count(buf.untyped_storage()._cdata) <= 2  # our tensor and the storage object just made
-
-    def take(self, like: torch.Tensor) -> torch.Tensor | None:
-        """A float32 tensor with ``like``'s shape and strides that nobody else holds, or None (small)."""
-        n = like.numel()
-        if n * 4 < self.MIN_BYTES:
-            return None
-        with self._lock:
-            free = next((b for b in self._buffers if b.numel() == n and self._only_ours(b)), None)
-            if free is None:
-                free = load_extension().empty_advised(n)
-                if len(self._buffers) >= self.SLOTS:
-                    self._buffers.pop(0)
-            else:
-                self._buffers.remove(free)
-            self._buffers.append(free)
-            return torch.empty(0, dtype=torch.float32).set_(
-                free.untyped_storage(), 0, like.shape, like.stride()
-            )
-
-    def release(self) -> None:
-        """Drop every kept buffer (memory still in use by callers stays theirs)."""
-        with self._lock:
-            self._buffers.clear()
+#: Outputs under this size are left to PyTorch's allocator, which recycles small blocks itself.
+POOLED_MIN_BYTES = 4 << 20
 
 
-OUTPUT_BUFFERS = OutputBuffers()
+def output_buffer(like: torch.Tensor) -> torch.Tensor | None:
+    """A float32 tensor with ``like``'s shape and strides for a large y or dx, or None (small: the kernel
+    allocates). A fresh 50 MiB tensor costs a page fault per page on first write, about as much as the
+    ``y.copy_(x)`` floor the kernel aims at, so large outputs come from the extension's pool of freed
+    blocks (``minilib/csrc/pooled_memory.h``): a block returns there only from its tensor's deleter, when
+    nothing at all refers to the memory, so an output the caller still holds in any form is never written
+    again."""
+    if like.numel() * 4 < POOLED_MIN_BYTES:
+        return None
+    return load_extension().pooled_empty_like(like)
+
+
+def release_output_memory() -> None:
+    """Frees the kept output blocks (see ``output_buffer``), e.g. after training; no-op without the kernel."""
+    if _state["module"] is not None:
+        _state["module"].release_pool()
 
 
 def cpp_forward(x, C, S, weight, bias, mean, var, eps, training):
     """(y with x's layout, batch mean, biased batch variance) by the C++ kernel; in eval (``mean``, ``var``
     given as float64 [C]) y from them, and the same mean and var back."""
-    out = OUTPUT_BUFFERS.take(x)
+    out = output_buffer(x)
     y, mean, var = load_extension().forward(x, C, S, weight, bias, mean, var, eps, training, out)
     return y, mean, var
 
 
 def cpp_backward(grad_out, x, C, S, weight, mean, var, eps, training, need_input_grad):
     """(dx or None, dweight, dbias) by the C++ kernel; in training through the batch statistics."""
-    out = OUTPUT_BUFFERS.take(x) if need_input_grad else None
+    out = output_buffer(x) if need_input_grad else None
     dx, dw, db = load_extension().backward(
         same_layout(grad_out, x), x, C, S, weight, mean, var, eps, training, need_input_grad, out
     )

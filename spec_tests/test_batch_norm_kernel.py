@@ -325,6 +325,102 @@ def test_a_large_tensor_takes_the_streaming_path_and_matches():
     assert torch.equal(got[0], held), "a later call wrote into an output still held"
 
 
+#: What a caller may keep of an output, once it has dropped the tensor itself.
+KEEPERS = {
+    "the tensor": lambda y: y,
+    "a view": lambda y: y[1:3],
+    "its storage": lambda y: y.untyped_storage(),
+    "a numpy array on its memory": lambda y: y.detach().numpy(),
+}
+
+
+def _bytes_of(kept):
+    if isinstance(kept, torch.UntypedStorage):
+        return bytes(kept)
+    return (kept.detach().numpy() if isinstance(kept, torch.Tensor) else kept).tobytes()
+
+
+def _pooled_problem():
+    """A batch whose y and dx are large enough (>= 4 MiB) to come from the extension's pool."""
+    if cpu_bn.load_extension() is None:
+        pytest.skip(f"the C++ kernel could not be built here: {cpu_bn.extension_status()}")
+    x = torch.randn(16, 8, 96, 96, generator=torch.Generator().manual_seed(0))
+    assert x.numel() * 4 >= cpu_bn.POOLED_MIN_BYTES
+    return x, torch.ones(8), torch.zeros(8)
+
+
+@pytest.mark.parametrize("output", ["y", "dx"])
+@pytest.mark.parametrize("keep", list(KEEPERS))
+def test_an_output_is_never_written_again_whatever_the_caller_keeps(keep, output):
+    """Large outputs reuse freed memory (fresh pages cost as much as the sweep). The caller may keep any
+    handle on one (``s = y.untyped_storage()``, then ``del y``): later calls must not write into it, as
+    F.batch_norm's never do. A block returns to the pool only when PyTorch frees the memory, whatever held
+    it; a reuse decided from the storage's use count was fooled by a kept storage."""
+    x, w, b = _pooled_problem()
+    xg = x.clone().requires_grad_()
+    y = fused_batch_norm(xg, None, None, w, b, training=True)
+    if output == "dx":
+        y.backward(torch.ones_like(y).mul_(x))
+        y = xg.grad
+        xg.grad = None
+    kept = KEEPERS[keep](y)
+    before = _bytes_of(kept)
+    del y
+    for scale in (2.0, 3.0):  # later calls of the same size, forward and backward
+        x2 = (x * scale).requires_grad_()
+        fused_batch_norm(x2, None, None, w, b, training=True).backward(torch.ones_like(x).mul_(x))
+        del x2
+    assert _bytes_of(kept) == before, f"an output ({output}) kept as {keep} was overwritten by a later call"
+
+
+def _hold_an_output(inbox, outbox):
+    """In another process: receive an output, say so, and later send back what it holds then."""
+    y = inbox.get(timeout=60)
+    outbox.put("received")
+    inbox.get(timeout=60)
+    outbox.put(y.sum(dtype=torch.float64).item())
+
+
+def test_an_output_sent_to_another_process_is_never_written_again():
+    """torch.multiprocessing moves a tensor it sends into shared memory, and the sender may then drop its
+    own reference: the sender's later calls must not write into what the other process holds. The child
+    is forked and killed if it has not finished within its bound."""
+    x, w, b = _pooled_problem()
+    mp = torch.multiprocessing.get_context("fork")
+    inbox, outbox = mp.Queue(), mp.Queue()
+    child = mp.Process(target=_hold_an_output, args=(inbox, outbox), daemon=True)
+    child.start()
+    try:
+        y = fused_batch_norm(x, None, None, w, b, training=True)
+        sent = y.sum(dtype=torch.float64).item()
+        inbox.put(y)
+        assert outbox.get(timeout=60) == "received"
+        del y  # only the other process holds the output now
+        for scale in (2.0, 3.0):
+            fused_batch_norm(x * scale + 5.0, None, None, w, b, training=True)
+        inbox.put("your turn")
+        held = outbox.get(timeout=60)
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+            child.join()
+    assert held == sent, "an output held by another process was overwritten by the sender's next call"
+
+
+def test_a_freed_output_block_is_reused_and_can_be_released():
+    """The pool does reuse: once the caller lets go of an output, the next call of that size gets the same
+    memory (no page faults); ``release_output_memory()`` gives the kept blocks back."""
+    x, w, b = _pooled_problem()
+    y = fused_batch_norm(x, None, None, w, b, training=True)
+    ptr = y.data_ptr()
+    del y
+    y = fused_batch_norm(x, None, None, w, b, training=True)
+    assert y.data_ptr() == ptr, "a freed block of the same size was not reused"
+    cpu_bn.release_output_memory()
+    test_near(y.double(), F.batch_norm(x.double(), None, None, w.double(), b.double(), training=True))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_other_dtypes_take_the_torch_path(dtype):
     """CPU float64 and half precision have no C++ kernel: the torch path computes them (half in float32)

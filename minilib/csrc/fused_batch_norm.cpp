@@ -45,6 +45,10 @@
 #include <cstdint>
 #include <vector>
 
+// Freed y and dx buffers of up to four large shapes are kept (the norm layers of one network).
+#define MINILIB_POOL_MAX_FREE_BLOCKS 4
+#include "pooled_memory.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -518,11 +522,11 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x, int6
   return {dx, dweight, dbias};
 }
 
-// A new float32 [n] tensor whose memory asked for huge pages (a buffer to be reused as outputs).
-at::Tensor empty_advised(int64_t n) {
-  auto t = at::empty({n}, at::kFloat);
-  advise_huge_pages(t);
-  return t;
+// A float32 tensor with `like`'s shape and strides from the pool of freed blocks (see pooled_memory.h for
+// why that is safe whatever the caller keeps): an output buffer for a large y or dx.
+at::Tensor pooled_empty_like(const at::Tensor& like) {
+  TORCH_CHECK(like.is_non_overlapping_and_dense(), "pooled_empty_like: like must be dense");
+  return pooled_memory::empty(like.sizes(), like.strides());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -536,5 +540,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("C"), py::arg("S"), py::arg("weight"), py::arg("mean"), py::arg("var"),
         py::arg("eps"), py::arg("training"), py::arg("need_dx"), py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>());
-  m.def("empty_advised", &empty_advised, "a new float32 [n] tensor advised to use huge pages");
+  m.def("pooled_empty_like", &pooled_empty_like, "a float32 tensor shaped like `like` from the pool");
+  m.def("release_pool", &pooled_memory::release, "frees the pool's free blocks");
 }

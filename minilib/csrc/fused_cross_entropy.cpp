@@ -36,6 +36,8 @@
 #include <new>
 #include <vector>
 
+#include "pooled_memory.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -420,91 +422,11 @@ std::vector<torch::Tensor> forward(torch::Tensor logits, torch::Tensor target, i
   return {row_max, row_logsum, row_loss};
 }
 
-namespace {
-
-// The gradient's memory, kept for the next call. A fresh 1 GiB buffer costs a page fault per page on its
-// first write, more than computing the gradient; so, as PyTorch's CUDA caching allocator does, a block
-// whose tensor is freed is kept and handed to the next call that asks for that many bytes.
-//
-// Why this is safe whatever the caller keeps (the tensor, a view, its storage, a numpy array, a copy sent
-// to another process): a block goes back to the pool only from its tensor's deleter, and PyTorch runs that
-// deleter only when no storage holds the memory any more, that is, when nothing can read it. (Sending a
-// tensor to another process moves its storage into shared memory: the old memory's deleter runs then, and
-// the shared memory is never ours.) Nothing here counts references.
-struct GradientPool {
-  std::mutex mutex;
-  void* block = nullptr;  // at most one free block, of `bytes` bytes
-  size_t bytes = 0;
-};
-
-// Never destroyed: a deleter may run during interpreter shutdown, after this library's statics are gone.
-GradientPool& gradient_pool() {
-  static GradientPool* pool = new GradientPool();
-  return *pool;
-}
-
-constexpr size_t kHugePage = size_t{2} << 20;
-
-void* new_block(size_t bytes) {
-  void* p = nullptr;
-  // A large block is 2 MiB aligned and rounded, so that the huge-page hint covers all of it.
-  const bool huge = bytes >= 2 * kHugePage;
-  const size_t align = huge ? kHugePage : 64;
-  const size_t rounded = (std::max<size_t>(bytes, 1) + align - 1) / align * align;
-  if (posix_memalign(&p, align, rounded) != 0) throw std::bad_alloc();
-  if (huge) advise_huge_pages(p, rounded);
-  return p;
-}
-
-// The tensor's deleter: the block becomes the pool's free block (the newest is the likeliest to be asked
-// for again; an older free block is freed).
-void return_block(void* p, size_t bytes) {
-  void* old = nullptr;
-  {
-    std::lock_guard<std::mutex> lock(gradient_pool().mutex);
-    old = gradient_pool().block;
-    gradient_pool().block = p;
-    gradient_pool().bytes = bytes;
-  }
-  std::free(old);
-}
-
-}  // namespace
-
-// A float32 [N, V] tensor on memory that nothing else refers to: the pool's free block if it has the right
-// size, else a new one (a free block of another size is freed: the pool holds at most one). Its memory
-// returns to the pool when PyTorch frees it.
+// The gradient's memory: a float32 [N, V] tensor from the pool of freed blocks (see pooled_memory.h for
+// why that is safe whatever the caller keeps). One free block is kept: a training loop asks for one size.
 torch::Tensor pooled_empty(int64_t N, int64_t V) {
   TORCH_CHECK(N >= 0 && V >= 0, "pooled_empty: sizes must be >= 0");
-  const size_t bytes = static_cast<size_t>(N) * static_cast<size_t>(V) * sizeof(float);
-  void* p = nullptr;
-  void* stale = nullptr;
-  {
-    std::lock_guard<std::mutex> lock(gradient_pool().mutex);
-    GradientPool& pool = gradient_pool();
-    if (pool.block != nullptr && pool.bytes == bytes) {
-      p = pool.block;
-    } else {
-      stale = pool.block;
-    }
-    pool.block = nullptr;
-  }
-  std::free(stale);
-  if (p == nullptr) p = new_block(bytes);
-  return torch::from_blob(
-      p, {N, V}, [bytes](void* q) { return_block(q, bytes); }, torch::TensorOptions().dtype(torch::kFloat32));
-}
-
-// Frees the pool's free block (memory a long-lived process wants back after training).
-void release_pool() {
-  void* old = nullptr;
-  {
-    std::lock_guard<std::mutex> lock(gradient_pool().mutex);
-    old = gradient_pool().block;
-    gradient_pool().block = nullptr;
-    gradient_pool().bytes = 0;
-  }
-  std::free(old);
+  return pooled_memory::empty({N, V}, {V, 1});
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -516,5 +438,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale"), py::arg("row_scale") = py::none(), py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("pooled_empty", &pooled_empty, "a float32 [N, V] tensor whose memory returns to a pool when freed");
-  m.def("release_pool", &release_pool, "frees the pool's free block");
+  m.def("release_pool", &pooled_memory::release, "frees the pool's free block");
 }
