@@ -37,6 +37,9 @@ LINEAR_ORDER = (
     "F.linear_cross_entropy chunked",
     "torch.compile(two-step)",
 )
+BATCH_NORM_ORDER = ("lesson BatchNorm", "F.batch_norm", "fused_batch_norm")
+CONV_ORDER = ("F.unfold + matmul", "F.conv2d")
+STEP_ORDER = ("nn.BatchNorm2d", "FusedBatchNorm2d")
 
 
 def load_reference(path: Path | None = None) -> dict[str, Any]:
@@ -287,6 +290,28 @@ def _fraction_of_floor(r: Run) -> str:
     return fmt_frac(r["floor_s"] / r.time if r["floor_s"] else None)
 
 
+def _fraction_of_peak(r: Run) -> str:
+    """GFLOP/s over the run's settled matmul peak for its dtype (the harness's `judge` records it)."""
+    peak = r["limit_peak_gflops"]
+    return fmt_frac(r["gflops"] / peak if (peak and r["gflops"]) else None)
+
+
+def _saved(baseline: str, seconds: Callable[[Run], float | None]) -> Callable[[Row], str]:
+    """How much less time than the `baseline` row's this row took: ``12.3 ms (25%)``."""
+
+    def cell(row: Row) -> str:
+        base = row.runs.get(baseline)
+        if row.run is None or base is None or row.key == baseline:
+            return "-"
+        now, before = seconds(row.run), seconds(base)
+        if now is None or not before:
+            return "-"
+        saved = fmt_time(before - now) if before >= now else "-" + fmt_time(now - before)
+        return f"{saved} ({fmt_frac(1 - now / before)})"
+
+    return cell
+
+
 def _matmul_table(case: str, title: str) -> Section:
     return Section(
         title=title,
@@ -313,6 +338,10 @@ def _ddp_intro(runs: list[Run]) -> str:
         "gloo, one thread each). The limit on two cores is 2x the best one-core rate; what DDP adds is "
         "per step (a gradient all-reduce and its hooks), so a larger batch hides more of it."
     )
+
+
+def _step_norm_s(r: Run) -> float | None:
+    return r["norm_layers_s"]
 
 
 SECTIONS: tuple[Section, ...] = (
@@ -387,6 +416,73 @@ SECTIONS: tuple[Section, ...] = (
         ),
     ),
     Section(
+        title="BatchNorm (lesson 07): the lesson's, PyTorch's and the fused kernel, in training",
+        select=op("batch_norm"),
+        intro="A training-mode BatchNorm at each layer of lesson 07's CNN (`nfs=[8,16,32,64,64]`, bs 512, "
+        "28x28 MNIST) and at one larger activation. Its floor is the least traffic it needs, timed in the "
+        "same process: forward, `y.copy_(x)` (read the input, write the output); forward+backward, that "
+        "copy plus `torch.add(x, g, out=dx)` (read the input and the output's gradient, write the input's). "
+        "GB/s counts that traffic; a fraction of 100% means the statistics and the normalisation were free. "
+        "The lesson's BatchNorm (nb_07) takes the statistics under `no_grad`, so its backward skips their "
+        "gradient: it is checked against `F.batch_norm` in eval mode with the batch's own statistics, the "
+        "others against `F.batch_norm` in training mode (float64, before timing).",
+        group_by=("device", "dtype", "shape"),
+        group_order=lambda r: (r["device"], r["dtype"], r["numel"]),
+        heading=lambda r: (
+            f"{r['shape']} ({r['layer']}), {r['device']} {r['dtype']} ({fmt_bytes(r['input_bytes'])})"
+        ),
+        rows="kernel",
+        order=BATCH_NORM_ORDER,
+        pivot=("case", ("fwd", "fwd+bwd")),
+        columns=(
+            col("time", _time_and_floor),
+            col("GB/s", lambda r: fmt_num(r["gbps"])),
+            col("fraction of floor", _fraction_of_floor),
+        ),
+    ),
+    Section(
+        title="Convolution (lesson 06) as a matmul (lesson 01): `F.unfold` + matmul against `F.conv2d`",
+        select=op("conv2d"),
+        intro="Each convolution of lesson 06's CNN at bs 512 on 28x28 images, forward. `F.unfold` copies "
+        "every receptive field into a column (k*k times the input for a stride of 1), then one matmul "
+        "with the weights does all the multiply-adds; `F.conv2d` is PyTorch's own. Flops are 2 * N * "
+        "C_out * C_in * k * k * H_out * W_out; the fraction is of the matmul peak this run measured.",
+        group_by=("device", "dtype"),
+        heading=lambda r: f"bs {r['n']}, {r['device']} {r['dtype']}",
+        sort=lambda r: (r["layer_index"], CONV_ORDER.index(r["kernel"]) if r["kernel"] in CONV_ORDER else 9),
+        columns=(
+            col("layer", lambda r: r["layer"]),
+            col("input -> output", lambda r: f"{r['input_shape']} -> {r['output_shape']}"),
+            col("kernel", lambda r: r["kernel"]),
+            col("time", lambda r: fmt_time(r.time)),
+            col("GFLOP/s", lambda r: fmt_num(r["gflops"])),
+            col("fraction of matmul peak", _fraction_of_peak),
+        ),
+    ),
+    Section(
+        title="A training step of lesson 07's CNN: how much was BatchNorm, and what fusing saved",
+        select=op("train_step"),
+        intro="One step (forward, cross-entropy, backward, SGD) of lesson 07's CNN (`nfs=[8,16,32,64,64]`, "
+        "conv, ReLU, then BatchNorm) at bs 512, with `nn.BatchNorm2d` and with `FusedBatchNorm2d`. The "
+        "norm layers alone: each norm layer's forward+backward on the activations and gradients it saw in "
+        "the step (captured once, then timed in the same process).",
+        group_by=("device", "dtype", "bs"),
+        heading=lambda r: f"bs {r['bs']}, {r['device']} {r['dtype']}",
+        rows="kernel",
+        label="norm",
+        order=STEP_ORDER,
+        columns=(
+            col("step time", lambda r: fmt_time(r.time)),
+            col("norm layers alone", lambda r: fmt_time(r["norm_layers_s"])),
+            col(
+                "norm share of the step",
+                lambda r: fmt_frac(r["norm_layers_s"] / r.time if r["norm_layers_s"] else None),
+            ),
+            Column("step time saved", _saved("nn.BatchNorm2d", lambda r: r.time)),
+            Column("norm time saved", _saved("nn.BatchNorm2d", _step_norm_s)),
+        ),
+    ),
+    Section(
         title="More than one process: DDP scaling",
         select=op("ddp_scaling"),
         intro=_ddp_intro,
@@ -405,6 +501,24 @@ SECTIONS: tuple[Section, ...] = (
                 "valid loss/accuracy (2 processes)", lambda r: "/".join(fmt_num(v, 4) for v in r["valid_two"])
             ),
             col("load average", lambda r: fmt_num(r["load_average"], 2)),
+        ),
+    ),
+    Section(
+        title="Saving a checkpoint: what it costs",
+        select=group("checkpoint"),
+        intro="The time to write one checkpoint (`minilib.checkpoint`: model, optimiser and Runner state, "
+        "written to a temporary file and renamed over the last one) and its size.",
+        sort=lambda r: (str(r["model"]), r["bytes"] or 0),
+        columns=(
+            col("model", lambda r: str(r["model"])),
+            col("checkpoint size", lambda r: fmt_bytes(r["bytes"])),
+            col("time per save", lambda r: fmt_time(r["seconds_per_save"])),
+            col(
+                "MB/s",
+                lambda r: fmt_num(
+                    r["bytes"] / r["seconds_per_save"] / 1e6 if r["seconds_per_save"] else None
+                ),
+            ),
         ),
     ),
 )
@@ -651,6 +765,35 @@ CHARTS: tuple[Chart, ...] = (
         hlines=_bandwidths,
         xlabel="logits size (bytes)",
         ylabel="GB/s (least traffic / time)",
+    ),
+    Chart(
+        file="batch_norm_floor.png",
+        title="BatchNorm {panel}: fraction of the read+write floor",
+        select=op("batch_norm"),
+        kind="bars",
+        panels=("fwd", "fwd+bwd"),
+        x="layer",
+        y=lambda r: r["floor_s"] / r.time if r["floor_s"] else 0.0,
+        series=("kernel", "device", "dtype"),
+        label=lambda r: f"{r['kernel']} ({r['device']} {r['dtype']})",
+        categories=("conv1", "conv2", "conv3", "conv4", "conv5"),
+        hlines=lambda limits: [(1.0, "the floor")],
+        ylabel="floor time / time (1: as fast as a copy)",
+        xlog=False,
+        ylog=False,
+    ),
+    Chart(
+        file="conv_as_matmul.png",
+        title="Lesson 06's convolutions: F.unfold + matmul against F.conv2d (dashed: measured peaks)",
+        select=op("conv2d"),
+        kind="bars",
+        x="layer",
+        y=lambda r: r["gflops"],
+        series=("kernel", "device", "dtype"),
+        label=lambda r: f"{r['kernel']} ({r['device']} {r['dtype']})",
+        hlines=_peaks,
+        ylabel="GFLOP/s (log scale)",
+        xlog=False,
     ),
 )
 
