@@ -2,12 +2,10 @@
 
 Beyond lesson 03 (03_minibatch_training): the lesson's ``nll(log_softmax(x), y)`` as one fused pass.
 
-- ``load_extension()`` compiles ``minilib/csrc/fused_cross_entropy.cpp`` with
-  ``torch.utils.cpp_extension.load`` (ninja + the system C++ compiler, -O3 -march=native -fopenmp)
-  the first time it is needed; later processes reuse the build in torch's extension cache
-  (``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). If the build fails (no
-  compiler, no ninja, an unknown flag), it warns once and returns None, and the caller uses the
-  torch fallback below. ``MINILIB_NO_EXTENSION=1`` skips the build and always uses the fallback.
+- ``load_extension()`` compiles ``minilib/csrc/fused_cross_entropy.cpp`` the first time it is needed
+  (``minilib._cpp_extension``: -O3 -march=native -fopenmp, cached in ``$TORCH_EXTENSIONS_DIR``). If the
+  build fails (no compiler, no ninja, an unknown flag), it warns once and returns None, and the caller
+  uses the torch fallback below. ``MINILIB_NO_EXTENSION=1`` skips the build and always uses the fallback.
 - ``chunked_loss`` is the fallback, and the path for dtypes the C++ kernel does not take (float64,
   bfloat16, float16 on CPU; devices without a Triton kernel): the same algorithm in vectorised torch
   ops, a chunk of rows at a time through one reused buffer, so the extra memory is one chunk
@@ -22,14 +20,11 @@ themselves (``grad_mode=2``, what the fused linear cross-entropy does with its c
 
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
 import threading
-import warnings
-from pathlib import Path
 
 import torch
+
+from minilib._cpp_extension import CSRC, EXTENSION_FLAGS, build, load_once, status
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -47,18 +42,8 @@ __all__ = [
 #: every region waits for a descheduled thread (measured: ~8 ms per call on 1M elements here).
 CHUNK_ELEMENTS = 1 << 22
 
-_SOURCE = Path(__file__).parent / "csrc" / "fused_cross_entropy.cpp"
+_SOURCE = CSRC / "fused_cross_entropy.cpp"
 _NAME = "minilib_fused_cross_entropy"
-
-#: Compiler flags, tried in order until one set builds. -march=native is safe because the build
-#: happens on the machine that runs it. -mtune=generic: gcc tunes some AMD CPUs for 128-bit vectors,
-#: which halves the exp loop's width for no gain. -fno-trapping-math lets gcc if-convert the exp's
-#: clamp (it changes no result, only what gcc may assume about floating-point exceptions); we avoid
-#: -ffast-math, which would break inf/nan handling.
-EXTENSION_FLAGS: tuple[tuple[str, ...], ...] = (
-    ("-O3", "-march=native", "-mtune=generic", "-fno-trapping-math", "-fopenmp"),
-    ("-O3", "-fno-trapping-math", "-fopenmp"),
-)
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"module": None, "tried": False, "error": None}
@@ -66,67 +51,17 @@ _state: dict[str, object] = {"module": None, "tried": False, "error": None}
 
 def load_extension():
     """The compiled module (``forward``, ``backward``), built on first call; None if it cannot be built."""
-    if _state["tried"]:
-        return _state["module"]
-    with _lock:
-        if _state["tried"]:
-            return _state["module"]
-        if os.environ.get("MINILIB_NO_EXTENSION") == "1":
-            _state["error"] = "disabled by MINILIB_NO_EXTENSION=1"
-        else:
-            _state["module"], _state["error"] = _build()
-            if _state["module"] is None:
-                warnings.warn(
-                    "minilib.kernels.fused_cross_entropy: could not build the C++ kernel "
-                    f"({_state['error']}); using the slower torch fallback. Install a C++ compiler and "
-                    "ninja (pip install ninja) to get the fast path.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-        _state["tried"] = True
-    return _state["module"]
-
-
-def _cpu_tag() -> str:
-    """A short fingerprint of this CPU's instruction sets: a -march=native build cached in a shared home
-    folder must not be loaded on a machine whose CPU lacks those instructions (it would die of SIGILL)."""
-    flags = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags += platform.processor()
-    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+    # `_build` is looked up at each call, so a test can simulate a failed build by replacing it.
+    return load_once(_state, _lock, lambda: _build(), "minilib.kernels.fused_cross_entropy")
 
 
 def _build():
-    # Imported here: cpp_extension pulls in setuptools, which `import minilib.kernels` should not pay for.
-    try:
-        from torch.utils import cpp_extension
-    except Exception as e:  # pragma: no cover - torch without its build tools
-        return None, f"torch.utils.cpp_extension unavailable: {e}"
-    errors = []
-    for i, flags in enumerate(EXTENSION_FLAGS):
-        try:
-            module = cpp_extension.load(
-                # A cache folder per flag set (a fallback build never evicts the first) and per CPU.
-                name=f"{_NAME}_{i}_{_cpu_tag()}",
-                sources=[str(_SOURCE)],
-                extra_cflags=list(flags),
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-            return module, None
-        except Exception as e:  # noqa: BLE001 - any build failure (no compiler, no ninja, bad flag) means fallback
-            errors.append(f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
-    return None, "; ".join(errors)
+    return build(_NAME, _SOURCE)
 
 
 def extension_status() -> str:
     """'cpp' if the C++ kernel is loaded, else why not (after the first call to ``load_extension``)."""
-    if _state["module"] is not None:
-        return "cpp"
-    return f"torch fallback ({_state['error']})" if _state["tried"] else "not loaded yet"
+    return status(_state)
 
 
 def chunk_rows(n_classes: int) -> int:

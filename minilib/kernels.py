@@ -59,7 +59,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from minilib import _cpu_batch_norm as _cpu_bn
 from minilib import _cpu_cross_entropy as _cpu
 from minilib import contract
 
@@ -67,6 +69,10 @@ try:
     from minilib import _triton_kernels as _tk
 except ImportError:  # Triton is an optional extra
     _tk = None
+try:
+    from minilib import _triton_batch_norm as _tbn
+except ImportError:
+    _tbn = None
 
 __all__ = [
     "fused_cross_entropy",
@@ -75,6 +81,9 @@ __all__ = [
     "cpu_backend",
     "triton_available",
     "LINEAR_CHUNK_ELEMENTS",
+    "fused_batch_norm",
+    "FusedBatchNorm2d",
+    "batch_norm_backend",
 ]
 
 #: The fused linear cross-entropy's largest chunk of logits (64 MiB of float32). Each chunk adds its
@@ -459,3 +468,225 @@ def triton_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             "in Triton's interpreter."
         )
     return _tk.matmul_autotuned(a, b)
+
+
+# --- fused_batch_norm -------------------------------------------------------------------------------------
+#
+# Lesson 07's BatchNorm (x.mean, x.var, subtract, divide, multiply, add: six sweeps over the activations)
+# in two sweeps per channel, the second while the channel is still in cache; the backward likewise (one
+# sweep for sum(dy) and sum(dy * xhat), one for dx). Where it runs:
+#
+# ============================================  =====================================================
+# input                                         path
+# ============================================  =====================================================
+# CUDA float32/float16/bfloat16, with Triton    Triton kernels (``minilib._triton_batch_norm``)
+# CPU float32                                   C++ kernel built on first use (``minilib/csrc``), or,
+#                                               if it cannot be built, the torch path (warns once)
+# anything else (CPU float64/half, ...)         torch ops (``_cpu_batch_norm.torch_batch_norm``),
+#                                               half precision computed in float32
+# ============================================  =====================================================
+#
+# The kernels read contiguous [N, C, *] and channels-last input in place; other layouts are copied to
+# contiguous first (``_cpu_batch_norm.kernel_layout``), and the output has the layout the kernel read.
+
+
+class _Backend:
+    """A batch norm kernel pair with ``_cpu_batch_norm.cpp_forward``'s and ``cpp_backward``'s interface."""
+
+    def __init__(self, name: str, forward: Callable, backward: Callable):
+        self.name, self.forward, self.backward = name, forward, backward
+
+
+_CPP_BN = _Backend("cpp", _cpu_bn.cpp_forward, _cpu_bn.cpp_backward)
+_TRITON_BN = None if _tbn is None else _Backend("triton", _tbn.triton_forward, _tbn.triton_backward)
+_TRITON_BN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _batch_norm_backend(x: torch.Tensor) -> _Backend | None:
+    """The kernels for input like ``x``: Triton on CUDA, C++ for CPU float32; None: the torch path."""
+    if x.is_cuda and _TRITON_BN is not None and x.dtype in _TRITON_BN_DTYPES:
+        return _TRITON_BN
+    if x.device.type == "cpu" and x.dtype == torch.float32 and _cpu_bn.load_extension() is not None:
+        return _CPP_BN
+    return None
+
+
+class _FusedBatchNorm(torch.autograd.Function):
+    """F.batch_norm by a kernel pair. Training: the batch statistics come from the forward sweep, the
+    running buffers are updated from them, and the backward goes through them. Eval: the running buffers
+    normalise, and are constants for the backward. Second derivatives (create_graph=True) go through
+    ``torch_batch_norm``'s graph: right, if slower."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, backend):
+        xk, C, S = _cpu_bn.kernel_layout(x)
+        if training:
+            y, mean, var = backend.forward(xk, C, S, weight, bias, None, None, eps, True)
+            _cpu_bn.update_running_stats(running_mean, running_var, mean, var, x.numel() // C, momentum)
+        else:  # copies in float64: a later training step may change the buffers before this backward
+            mean, var = running_mean.to(torch.float64), running_var.to(torch.float64)
+            y, _, _ = backend.forward(xk, C, S, weight, bias, mean, var, eps, False)
+        ctx.options = (training, eps, backend)
+        # x itself, not xk: with create_graph=True the saved x is the one connected to the graph.
+        ctx.save_for_backward(x, weight, bias, mean, var)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        training, eps, backend = ctx.options
+        x, weight, bias, mean, var = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: second derivatives through torch ops' graph
+            grads = _reference_grad(
+                lambda x, w, b: _cpu_bn.torch_batch_norm(x, w, b, mean, var, eps, training)[0],
+                [x, weight, bias],
+                grad_out,
+            )
+            return grads + (None,) * 6
+        xk, C, S = _cpu_bn.kernel_layout(x)
+        dx, dw, db = backend.backward(grad_out, xk, C, S, weight, mean, var, eps, training, needs[0])
+        dw = dw.to(weight.dtype) if needs[1] else None
+        db = db.to(bias.dtype) if needs[2] else None
+        return dx, dw, db, None, None, None, None, None, None
+
+
+def _check_per_channel(fname: str, arg: str, p: Any, x: torch.Tensor) -> None:
+    """A parameter or buffer: a [C] tensor on x's device, of x's dtype (float32 also for half input)."""
+    C = x.shape[1]
+    contract.tensor(fname, **{arg: p})
+    if p.shape != (C,):
+        contract.fail(fname, arg, f"[C] = [{C}] (one value per channel of input)", p)
+    allowed = {x.dtype, torch.float32} if x.dtype in (torch.float16, torch.bfloat16) else {x.dtype}
+    if p.dtype not in allowed:
+        names = " or ".join(sorted(str(d).removeprefix("torch.") for d in allowed))
+        contract.fail(fname, arg, f"{names} (input's dtype)", p)
+    if p.device != x.device:
+        contract.fail(fname, arg, f"on input's device ({x.device})", p)
+
+
+def _check_batch_norm(fname, input, running_mean, running_var, weight, bias, training, momentum, eps):
+    contract.float_tensor(fname, input=input)
+    if input.dim() < 2:
+        contract.fail(fname, "input", "at least 2-D [N, C, ...] (a batch of C channels)", input)
+    if not isinstance(training, bool):
+        contract.fail(fname, "training", "a bool", training, TypeError)
+    if momentum is None:
+        contract.fail(fname, "momentum", "a float (as in F.batch_norm)", momentum, TypeError)
+    contract.finite_number(fname, momentum=momentum)
+    if not contract.finite_number(fname, eps=eps) >= 0:
+        contract.fail(fname, "eps", "a finite number >= 0", eps)
+    named = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
+    for arg, p in named.items():
+        if p is None:
+            if not training and arg.startswith("running"):
+                contract.fail(fname, arg, "a [C] tensor in eval (training=False normalises with it)", p)
+            continue
+        _check_per_channel(fname, arg, p, input)
+    per_channel = input.numel() // max(1, input.shape[1])
+    if training and per_channel == 1:
+        contract.fail(
+            fname, "input",
+            "more than 1 value per channel when training (a variance of one value is 0)",
+            f"input size {list(input.shape)}",
+        )  # fmt: skip
+
+
+def fused_batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)`` in two
+    sweeps per channel (lesson 07's BatchNorm, fused).
+
+    ``input`` [N, C, ...] (2-D to 5-D on the kernels; any rank >= 2 works). In training the statistics are
+    the batch's, over every dim but 1 (the biased variance normalises), and ``running_mean`` /
+    ``running_var`` (either may be None) are updated in place, ``(1 - momentum) running + momentum batch``
+    with the unbiased variance, as PyTorch does; the gradient flows through the batch statistics. In eval
+    the running buffers normalise (both required). Differentiable in input, weight and bias (twice too:
+    second derivatives go through torch ops). Errors name the argument: TypeError for a non-tensor, a
+    non-bool ``training`` or ``momentum=None``; ValueError for a parameter or buffer of the wrong shape,
+    dtype or device, a missing running buffer in eval, or one value per channel in training.
+    """
+    fname = "fused_batch_norm"
+    _check_batch_norm(fname, input, running_mean, running_var, weight, bias, training, momentum, eps)
+    momentum, eps = float(momentum), float(eps)
+    backend = _batch_norm_backend(input) if input.numel() > 0 else None
+    if backend is None:
+        if input.numel() == 0:  # nothing to normalise; PyTorch leaves the buffers alone too
+            C = input.shape[1]
+            zeros, ones = input.new_zeros(C), input.new_ones(C)
+            return _cpu_bn.torch_batch_norm(input, weight, bias, zeros, ones, 0.0, False)[0]
+        y, mean, var = _cpu_bn.torch_batch_norm(input, weight, bias, running_mean, running_var, eps, training)
+        if training:
+            n = input.numel() // input.shape[1]
+            _cpu_bn.update_running_stats(running_mean, running_var, mean.detach(), var.detach(), n, momentum)
+        return y
+    return _FusedBatchNorm.apply(
+        input, weight, bias, running_mean, running_var, training, momentum, eps, backend
+    )
+
+
+def _apply_batch_norm(backend, input, running_mean, running_var, weight=None, bias=None, training=False,
+                      momentum=0.1, eps=1e-5):  # fmt: skip
+    """fused_batch_norm through a chosen backend ('cpp', 'triton' or 'torch'), unchecked (for the tests)."""
+    if backend == "torch":
+        y, mean, var = _cpu_bn.torch_batch_norm(input, weight, bias, running_mean, running_var, eps, training)
+        if training:
+            n = input.numel() // input.shape[1]
+            _cpu_bn.update_running_stats(running_mean, running_var, mean.detach(), var.detach(), n, momentum)
+        return y
+    kernels = {"cpp": _CPP_BN, "triton": _TRITON_BN}[backend]
+    return _FusedBatchNorm.apply(
+        input, weight, bias, running_mean, running_var, training, momentum, eps, kernels
+    )
+
+
+def batch_norm_backend(input: torch.Tensor) -> str:
+    """Which path ``fused_batch_norm`` takes for input like this: 'triton', 'cpp' or 'torch (why)'."""
+    backend = _batch_norm_backend(input)
+    if backend is not None:
+        return backend.name
+    if input.device.type == "cpu" and input.dtype == torch.float32:
+        return f"torch ({_cpu_bn.extension_status()})"
+    return f"torch (no kernel for {str(input.dtype).removeprefix('torch.')} on {input.device.type})"
+
+
+class FusedBatchNorm2d(nn.BatchNorm2d):
+    """A drop-in ``nn.BatchNorm2d`` (its parameters, buffers and ``state_dict`` keys; loads one's state,
+    and is one for ``isinstance``) whose forward runs ``fused_batch_norm``.
+
+    ``momentum=None`` is the cumulative average, ``1 / num_batches_tracked``, as nn's. A non-4-D input:
+    ValueError naming it.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, device=None,
+                 dtype=None):  # fmt: skip
+        contract.positive_int("FusedBatchNorm2d", num_features=num_features)
+        super().__init__(num_features, eps=eps, momentum=momentum, device=device, dtype=dtype)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        contract.tensor("FusedBatchNorm2d", input=input)
+        contract.ndim("FusedBatchNorm2d", "input", input, 4, "[N, C, H, W]")
+        # nn.BatchNorm2d's rule for the factor and for when the batch's statistics are used.
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return fused_batch_norm(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            use_batch,
+            factor,
+            self.eps,
+        )
