@@ -2,8 +2,8 @@
 
 1. pytest runs the spec (``spec_tests/``) once, in this process, with the recorder plugin
    (docs/recorder.py): each test's claim, docstring, source, outcome and the figures it built.
-2. pages.py writes one Markdown page per spec file, an index and the learners' questions, taking
-   each file's notebooks and the questions from the README, and the benchmark report from
+2. pages.py writes one Markdown page per spec file (its notebook from its ``lessonNN`` marker), an
+   index, the learners' questions (from docs/questions.toml) and the benchmark report from
    ``bench-results/`` when a run exists.
 3. MkDocs (Material theme) builds the static site; open ``site/index.html``.
    ``--rebuild`` redoes 2 and 3 from the last run's record (``build/spec-site/``) without the spec.
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from docs import questions
 from docs.pages import write_sources
 from docs.recorder import SpecRecorder
 
@@ -46,7 +47,7 @@ def build_site(config_path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--spec", default=str(ROOT / "spec_tests"), help="the spec tests' folder")
-    parser.add_argument("--readme", default=str(ROOT / "README.md"), help="reading guide and questions")
+    parser.add_argument("--questions", default=str(questions.QUESTIONS), help="the learners' questions")
     parser.add_argument("--bench", default=str(ROOT / "bench-results"), help="a `nox -s bench` run, if any")
     parser.add_argument("--site", default=str(ROOT / "site"), help="where the site goes")
     parser.add_argument("--work", default=str(ROOT / "build" / "spec-site"), help="intermediate files")
@@ -77,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         record = recorder.record()
 
     t1 = time.perf_counter()
-    readme = Path(args.readme).read_text() if Path(args.readme).is_file() else ""
-    config_path, pages = write_sources(record, readme, md_dir, site, Path(args.bench))
+    qs = questions.load(Path(args.questions)) if Path(args.questions).is_file() else []
+    config_path, pages = write_sources(record, qs, md_dir, site, Path(args.bench))
     build_site(config_path)
     t_site = time.perf_counter() - t1
 

@@ -1,8 +1,14 @@
 """The recorded run (see recorder.py) as Markdown pages and an MkDocs configuration.
 
-Nothing here is written by hand per lesson: the pages come from the record of one spec run and the
-README (its reading-guide table names each spec file's notebooks; its table of learners' questions
-names the tests that answer them). MkDocs with the Material theme turns the Markdown into the site.
+Nothing here is written by hand per lesson: the pages come from the record of one spec run, whose
+files carry their notebooks (from their ``lessonNN`` markers, described in pyproject.toml as
+``lesson05b: notebook 05b_early_stopping``), and from docs/questions.toml (the learners' questions and
+the tests that answer them). MkDocs with the Material theme turns the Markdown into the site.
+
+A spec's text is the spec author's, not the site's: docstrings, failure messages, skip reasons, sources
+and parameter ids are shown, never interpreted. Prose is escaped (HTML and Markdown's own characters),
+`code` and ``code`` become inline code, and code goes into a fence longer than any run of backticks
+inside it, so that nothing a test says can close its box or become live HTML.
 """
 
 from __future__ import annotations
@@ -10,57 +16,73 @@ from __future__ import annotations
 import html
 import re
 import shutil
-from dataclasses import dataclass, field
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-NOTEBOOK = re.compile(r"\b(\d\d[a-z]?_[a-z][a-z0-9_]*)")
-SPEC_FILE = re.compile(r"`[^`]*?(test_\w+)\.py`")
-BACKTICKED = re.compile(r"`([^`]+)`")
+from docs.questions import Question
+
+# Inline code as a docstring writes it: ``code`` (reStructuredText's habit) or `code` (Markdown's).
+INLINE_CODE = re.compile(r"(``.+?``|`[^`]+`)")
 # Cases beyond this many are listed in a folded table, so that the claim stays readable.
 OPEN_CASES = 12
 
 
 # -- text ------------------------------------------------------------------------------------------------
+def _longest_backtick_run(text: str) -> int:
+    return max((len(run) for run in re.findall(r"`+", text)), default=0)
+
+
 def inline_code(text: str) -> str:
-    fence = "``" if "`" in text else "`"
+    """``text`` as Markdown inline code, delimited by more backticks than any run inside it."""
+    ticks = "`" * (_longest_backtick_run(text) + 1)
     pad = " " if text.startswith("`") or text.endswith("`") else ""
-    return f"{fence}{pad}{text}{pad}{fence}"
+    return f"{ticks}{pad}{text}{pad}{ticks}"
 
 
-def _plain(text: str) -> str:
-    """Plain prose for Markdown: HTML and emphasis characters are shown, not interpreted."""
+def fenced(text: str, lang: str = "text") -> str:
+    """``text`` as a fenced code block whose fence is longer than any run of backticks inside it."""
+    fence = "`" * max(3, _longest_backtick_run(text) + 1)
+    return f"{fence}{lang}\n{text}\n{fence}"
+
+
+def plain(text: str) -> str:
+    """Prose shown as written: HTML and Markdown's emphasis, link and code characters are escaped, and so
+    is what would make a line a heading (``# ...``, or a line of ``=`` or ``-`` under another)."""
     text = html.escape(text, quote=False)
-    return re.sub(r"([\\*_\[\]])", r"\\\1", text)
+    text = re.sub(r"([\\`*_\[\]])", r"\\\1", text)
+    return re.sub(r"^(\s*)(#|[=-]+\s*$)", r"\1\\\2", text, flags=re.M)
 
 
-def rst_to_md(text: str) -> str:
-    """A docstring in the spec's reStructuredText-ish style as Markdown.
+def inline_md(line: str) -> str:
+    """One line of a spec's prose: `code` or ``code`` as inline code, the rest as text."""
+    pieces = INLINE_CODE.split(line)  # the odd pieces are the code spans
+    return "".join(
+        inline_code(p[2:-2] if p.startswith("``") else p[1:-1]) if i % 2 else plain(p)
+        for i, p in enumerate(pieces)
+    )
 
-    ``code`` and `code` become inline code; everything else is prose (``*``, ``_``, ``<`` and brackets
-    shown as written); paragraphs, lists and indented literal blocks keep their lines, and a
-    paragraph ending in ``::`` (reST's "a literal block follows") ends in ``:``.
-    """
-    out_lines = []
-    for line in text.splitlines():
-        if line.startswith("    "):  # an indented literal block: Markdown shows it as code too
-            out_lines.append(line)
+
+def docstring_md(text: str) -> str:
+    """A docstring (a spec's story, a claim's why) as Markdown: each prose line through `inline_md`; lines
+    indented by four spaces or more (an example, a table of numbers) as a fenced code block."""
+    lines, out, i = text.strip("\n").splitlines(), [], 0
+    while i < len(lines):
+        if not lines[i].startswith("    "):
+            out.append(inline_md(lines[i]))
+            i += 1
             continue
-        if line.rstrip().endswith("::"):
-            line = line.rstrip()[:-1]
-        pieces = re.split(r"(``.+?``|`[^`]+`)", line)
-        converted = []
-        for piece in pieces:
-            if piece.startswith("``") and piece.endswith("``") and len(piece) > 4:
-                converted.append(inline_code(piece[2:-2]))
-            elif piece.startswith("`") and piece.endswith("`") and len(piece) > 2:
-                converted.append(inline_code(piece[1:-1]))
-            else:
-                converted.append(_plain(piece))
-        out_lines.append("".join(converted))
-    return "\n".join(out_lines).strip()
+        j = i
+        while j < len(lines) and (lines[j].startswith("    ") or not lines[j].strip()):
+            j += 1
+        while not lines[j - 1].strip():  # blank lines after the block are the prose's again
+            j -= 1
+        out += ["", fenced(textwrap.dedent("\n".join(lines[i:j]))), ""]
+        i = j
+    return "\n".join(out).strip()
 
 
 def sentence(name: str) -> str:
@@ -76,61 +98,6 @@ def anchor(qualname: str) -> str:
 def _cell(text: str) -> str:
     """A table cell shown as code: escaped, and with no pipe that would split the row."""
     return "<code>" + html.escape(text).replace("|", "&#124;") + "</code>"
-
-
-# -- the README -----------------------------------------------------------------------------------------
-def _table_rows(readme: str, first_header: str) -> list[list[str]]:
-    """The body rows of the Markdown table whose header's first cell is ``first_header``."""
-    rows: list[list[str]] = []
-    lines = readme.splitlines()
-    for i, line in enumerate(lines):
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.lstrip().startswith("|") and cells[0].lower() == first_header:
-            for body in lines[i + 2 :]:
-                if not body.lstrip().startswith("|"):
-                    break
-                rows.append([c.strip() for c in body.strip().strip("|").split("|")])
-            return rows
-    return rows
-
-
-def reading_guide(readme: str) -> dict[str, list[str]]:
-    """spec file stem -> its notebooks, from the README's reading guide ([] for 'beyond the lessons')."""
-    guide: dict[str, list[str]] = {}
-    for row in _table_rows(readme, "notebook"):
-        if len(row) < 2:
-            continue
-        for stem in SPEC_FILE.findall(row[1]):
-            guide[stem] = NOTEBOOK.findall(row[0])
-    return guide
-
-
-@dataclass
-class Question:
-    text: str
-    tests: list[tuple[str, str]] = field(default_factory=list)  # (file prefix or "", function name)
-
-
-def questions(readme: str) -> list[Question]:
-    """The README's table of learners' questions: each question and the tests it names.
-
-    A cell reads like ``test_03``: ``test_a``, ``test_b``; ``test_04``: ``test_c``: a short name sets
-    the file the following names belong to."""
-    found = []
-    for row in _table_rows(readme, "question"):
-        if len(row) < 2:
-            continue
-        q = Question(row[0])
-        prefix = ""
-        for segment in re.split(r"(;)", row[1]):
-            tokens = BACKTICKED.findall(segment)
-            for token in tokens:
-                if segment.split("`" + token + "`", 1)[1].lstrip().startswith(":"):
-                    prefix = token  # "`test_03`:" names a file
-                else:
-                    q.tests.append((prefix, token))
-        found.append(q)
-    return found
 
 
 # -- the site ---------------------------------------------------------------------------------------------
@@ -184,21 +151,13 @@ def counts(file: dict[str, Any]) -> dict[str, int]:
     }
 
 
-def order_pages(record: dict[str, Any], guide: dict[str, list[str]]) -> list[Page]:
+def order_pages(record: dict[str, Any]) -> list[Page]:
     """The lessons in notebook order, then the files beyond the lessons in name order.
 
-    A file's notebooks come from the README's reading guide; a file it does not list yet counts as a
-    lesson when its name starts with a notebook's (``test_05b_early_stopping`` -> ``05b_early_stopping``)."""
-    pages = []
-    for file in record["files"]:
-        stem = file["stem"]
-        if stem in guide:
-            notebooks = guide[stem]
-        else:
-            notebooks = NOTEBOOK.findall(stem.removeprefix("test_"))[:1]
-            notebooks = [n for n in notebooks if stem.removeprefix("test_").startswith(n[:2])]
-        pages.append(Page(file, notebooks))
-    lessons = sorted((p for p in pages if p.lesson), key=lambda p: (max(p.notebooks), p.stem))
+    A file's notebooks are those of its ``lessonNN`` markers, as the recorder found them; a file
+    without one (``test_data.py``, ``test_contracts.py``) is beyond the lessons."""
+    pages = [Page(file, list(file.get("notebooks", []))) for file in record["files"]]
+    lessons = sorted((p for p in pages if p.lesson), key=lambda p: (min(p.notebooks), p.stem))
     beyond = sorted((p for p in pages if not p.lesson), key=lambda p: p.stem)
     return lessons + beyond
 
@@ -235,7 +194,7 @@ def claim_markdown(claim: dict[str, Any], path: str) -> str:
     status = claim_status(claim)
     md = [f"## {sentence(claim['name'])} {{ #{anchor(claim['qualname'])} }}", ""]
     if claim["doc"]:
-        md += [rst_to_md(claim["doc"]), ""]
+        md += [docstring_md(claim["doc"]), ""]
 
     parametrised = any(c["id"] for c in cases)
     if parametrised:
@@ -261,7 +220,7 @@ def claim_markdown(claim: dict[str, Any], path: str) -> str:
     for c in cases:
         for n, fig in enumerate(c["figures"], 1):
             caption = f"Figure {n}" + (f" of case {c['id']}" if c["id"] else "") + " built by this claim"
-            figures.append(f"![{caption}](figures/{fig})")
+            figures.append(f"![{plain(caption)}](figures/{fig})")
     if figures:  # side by side where they fit (see extra.css)
         md += ['<div class="claim-figures" markdown>', "", *figures, "", "</div>", ""]
 
@@ -278,12 +237,11 @@ def claim_markdown(claim: dict[str, Any], path: str) -> str:
     messages = [(c["id"], c["message"]) for c in cases if c["message"] and c["outcome"] != "passed"]
     for case_id, message in messages[:5]:
         label = f"{case_id}: " if case_id else ""
-        body += [f"```text\n{label}{message.strip()}\n```", ""]
+        body += [fenced(f"{label}{message.strip()}"), ""]
     if len(messages) > 5:
         body += [f"and {len(messages) - 5} more.", ""]
     if claim["source"]:
-        fence = "````" if "```" in claim["source"] else "```"
-        body.append(f"{fence}python\n{claim['source'].rstrip()}\n{fence}")
+        body.append(fenced(claim["source"].rstrip(), "python"))
     fold = "???+" if status != "held" else "???"  # what went wrong is shown, the source stays folded
     md += [f'{fold} {STATUS_ADMONITION[status]} "{title}"', "", _indent("\n".join(body)), ""]
     return "\n".join(md)
@@ -297,12 +255,12 @@ def page_markdown(page: Page) -> str:
     notes = [f"{c['claims']} claims, **{c['held']} held** in this run"]
     notes += [f"{c[s]} {s}" for s in ("failed", "skipped") if c[s]]
     md = [
-        f"# {rst_to_md(page.title)}",
+        f"# {inline_md(page.title)}",
         "",
         f"{'; '.join(notes)}. From {inline_code(page.file['path'])}"
         + (f", the companion of {where}." if page.lesson else ", beyond the lessons."),
         "",
-        rst_to_md(page.story),
+        docstring_md(page.story),
         "",
     ]
     md += [claim_markdown(claim, page.file["path"]) for claim in page.file["claims"]]
@@ -319,18 +277,16 @@ def _pages_table(pages: list[Page], lessons: bool) -> list[str]:
     for p in pages:
         c = counts(p.file)
         missing = ", ".join(f"{c[s]} {s}" for s in ("failed", "skipped") if c[s]) or "-"
-        link = f"[{rst_to_md(p.title)}]({p.stem}.md)"
-        cells = [link, ", ".join(p.notebooks)] if lessons else [link]
+        link = f"[{inline_md(p.title)}]({p.stem}.md)"
+        cells = [link, plain(", ".join(p.notebooks))] if lessons else [link]
         cells += [str(c["claims"]), str(c["held"]), missing]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 
 
 def questions_markdown(qs: list[Question], pages: list[Page]) -> str:
-    where: dict[str, list[tuple[Page, dict[str, Any]]]] = {}
-    for p in pages:
-        for claim in p.file["claims"]:
-            where.setdefault(claim["name"], []).append((p, claim))
+    """Each question of docs/questions.toml, with a link to each claim that answers it and its result."""
+    where = {f"{p.file['path']}::{c['qualname']}": (p, c) for p in pages for c in p.file["claims"]}
     md = [
         "# The learners' questions",
         "",
@@ -338,17 +294,14 @@ def questions_markdown(qs: list[Question], pages: list[Page]) -> str:
         "",
     ]
     for q in qs:
-        md += [f"## {q.text}", ""]
-        for prefix, name in q.tests:
-            hits = [(p, c) for p, c in where.get(name, []) if p.stem.startswith(prefix)] or where.get(
-                name, []
-            )
-            if not hits:
-                md.append(f"- {inline_code(name)} (not in this run's spec)")
+        md += [f"## {inline_md(q.text)}", ""]
+        for node_id in q.tests:
+            if node_id not in where:
+                md.append(f"- {inline_code(node_id)} (not in this run's spec)")
                 continue
-            for p, claim in hits:
-                link = f"{p.stem}.md#{anchor(claim['qualname'])}"
-                md.append(f"- [{sentence(claim['name'])}]({link}) ({p.nav_label}): {claim_status(claim)}")
+            p, claim = where[node_id]
+            link = f"{p.stem}.md#{anchor(claim['qualname'])}"
+            md.append(f"- [{sentence(claim['name'])}]({link}) ({plain(p.nav_label)}): {claim_status(claim)}")
         md.append("")
     return "\n".join(md)
 
@@ -408,12 +361,11 @@ def index_markdown(
 
 
 def write_sources(
-    record: dict[str, Any], readme: str, md_dir: Path, site_dir: Path, bench_dir: Path | None
+    record: dict[str, Any], qs: list[Question], md_dir: Path, site_dir: Path, bench_dir: Path | None
 ) -> tuple[Path, list[Page]]:
     """Write the Markdown pages into ``md_dir`` and ``mkdocs.yml`` beside it; returns the config's path."""
     md_dir.mkdir(parents=True, exist_ok=True)
-    pages = order_pages(record, reading_guide(readme))
-    qs = questions(readme)
+    pages = order_pages(record)
     has_report = bench_dir is not None and (bench_dir / "bench-report.md").is_file()
     charts = bench_pages(bench_dir, md_dir) if has_report else None
     (md_dir / "index.md").write_text(index_markdown(record, pages, qs, charts))

@@ -1,8 +1,10 @@
 """A pytest plugin that records one run of the spec as data for the lesson pages.
 
-Per test it keeps what a reader needs and nothing pytest-specific: the file, the function's name,
-docstring, source and line, the parametrised case's id and parameters, the outcome (with the reason
-for a skip or the message of a failure) and the matplotlib Figures the test built, saved as PNGs.
+Per test it keeps what a reader needs and nothing pytest-specific: the file and its notebooks, the
+function's name, docstring, source and line, the parametrised case's id and parameters, the outcome
+(with the reason for a skip or the message of a failure) and the matplotlib Figures the test built,
+saved as PNGs. A file's notebooks are those of its markers whose registered description reads
+``notebook <name>`` (pyproject.toml: ``lesson05b: notebook 05b_early_stopping``).
 
 How the figures are found without patching anything: right before a test's call phase every object
 the garbage collector tracks is moved to its permanent generation (``gc.freeze()``, a constant-time
@@ -41,6 +43,17 @@ def _short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def notebooks_of_markers(marker_lines: list[str]) -> dict[str, str]:
+    """marker name -> notebook, for each registered marker described as ``notebook <name>``."""
+    found = {}
+    for line in marker_lines:
+        name, _, description = line.partition(":")
+        m = re.fullmatch(r"\s*notebook\s+(\S+)\s*", description)
+        if m:
+            found[name.strip()] = m.group(1)
+    return found
+
+
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")[:80] or "case"
 
@@ -54,11 +67,13 @@ class SpecRecorder:
         self.files: dict[str, dict[str, Any]] = {}  # path -> {"path", "doc", "claims": {key: claim}}
         self._cases: dict[str, dict[str, Any]] = {}  # nodeid -> case record
         self._rootdir: Path | None = None
+        self._notebooks: dict[str, str] = {}  # marker name -> notebook
         self._started = time.time()
 
     # -- collection: what the spec claims, in file order ------------------------------------------------
     def pytest_configure(self, config: pytest.Config) -> None:
         self._rootdir = Path(config.rootpath)
+        self._notebooks = notebooks_of_markers(config.getini("markers"))
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
@@ -70,8 +85,19 @@ class SpecRecorder:
         path = Path(item.path)
         rel = str(path.relative_to(self._rootdir)) if self._rootdir in path.parents else path.name
         file = self.files.setdefault(
-            rel, {"path": rel, "stem": path.stem, "doc": inspect.getdoc(item.module) or "", "claims": {}}
+            rel,
+            {
+                "path": rel,
+                "stem": path.stem,
+                "doc": inspect.getdoc(item.module) or "",
+                "notebooks": [],
+                "claims": {},
+            },
         )
+        for marker in item.iter_markers():
+            notebook = self._notebooks.get(marker.name)
+            if notebook is not None and notebook not in file["notebooks"]:
+                file["notebooks"].append(notebook)
         key = item.nodeid.split("[", 1)[0]  # all parametrised cases of one function are one claim
         claim = file["claims"].get(key)
         if claim is None:

@@ -1,15 +1,18 @@
 """The lesson-page generator on a tiny fake spec, without a browser (part of `nox -s tests`).
 
-The fake spec has one lesson file and one file beyond the lessons, with a claim that holds, one that
-fails, one that is skipped, a parametrised claim, and a claim that builds a figure and drops it; a
-fake README names the lesson's notebook and asks one question. `python -m docs.build` must run it,
-record it and build a site whose pages say exactly that.
+The fake spec has two lesson files (their notebooks named by their ``lessonNN`` markers, in an order
+their file names do not have) and one file beyond the lessons, with a claim that holds, one that fails,
+one that is skipped, a parametrised claim, a claim that builds a figure and drops it, and a file of
+hostile text (HTML, backtick fences, a caption breaker) in every place a spec's text reaches a page; a
+fake questions file asks one question. `python -m docs.build` must run it, record it and build a site
+whose pages say exactly that. Then the real questions file is checked against the README and the spec.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import subprocess
 import sys
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from docs import pages
+from docs import pages, questions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +32,8 @@ The second paragraph of the story.
 
 import pytest
 from matplotlib.figure import Figure
+
+pytestmark = pytest.mark.lesson01
 
 
 def test_a_claim_that_holds_for_float32():
@@ -84,16 +89,62 @@ def test_an_expected_failure():
     assert False
 '''
 
-FAKE_README = """
-# fake
+# Text a spec may carry, from its docstrings, its messages, its source or its parameters: every piece
+# tries to break out of where the page puts it (a paragraph, a code box, a figure's caption).
+FAKE_HOSTILE = r'''
+"""Lesson 02 (02_hostile): text that must stay text.
 
-| notebook | spec file | module(s) |
-| --- | --- | --- |
-| 01_fake | `spec/test_01_fake.py` | none |
+A story line.
+For example:
+    <script>window.pwned = 0</script>
+"""
 
-| question | test |
-| --- | --- |
-| Does it hold? | `test_01`: `test_a_claim_that_holds_for_float32`, `test_not_there` |
+import pytest
+from matplotlib.figure import Figure
+
+pytestmark = pytest.mark.lesson02
+
+
+def test_an_indented_line_under_prose_stays_text():
+    """For example:
+        <script>window.pwned = 1</script>
+    and <b>after</b> it."""
+
+
+def test_a_failure_message_with_a_fence_stays_in_its_box():
+    """It fails with a line of backticks in its message."""
+    raise RuntimeError("before\n```\n<script>window.pwned = 2</script>\nafter the message's fence")
+
+
+def test_a_skip_reason_with_a_fence_stays_in_its_box():
+    pytest.skip("reason\n```\n<script>window.pwned = 3</script>\nafter the reason's fence")
+
+
+def test_source_with_a_fence_stays_in_its_box():
+    text = """
+````
+<script>window.pwned = 4</script>
+after the source's fence
+"""
+    assert text
+
+
+@pytest.mark.parametrize("label", ["a](javascript:alert(1)) <script>window.pwned = 5</script>"])
+def test_an_id_that_closes_a_caption(label):
+    fig = Figure(figsize=(1, 1))
+    fig.add_subplot().plot([0, 1])
+'''
+
+FAKE_PYTEST_INI = """[pytest]
+markers =
+    lesson01: notebook 01_fake
+    lesson02: notebook 02_hostile
+"""
+
+FAKE_QUESTIONS = """
+[[question]]
+question = "Does it hold, and is `x < y` <b>true</b>?"
+tests = ["test_01_fake.py::test_a_claim_that_holds_for_float32", "test_01_fake.py::test_not_there"]
 """
 
 
@@ -102,21 +153,24 @@ def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fake")
     spec = tmp / "spec"
     spec.mkdir()
-    (spec / "pytest.ini").write_text("[pytest]\n")  # the fake spec is its own rootdir
+    (spec / "pytest.ini").write_text(FAKE_PYTEST_INI)  # the fake spec is its own rootdir
     (spec / "test_01_fake.py").write_text(FAKE_LESSON)
     (spec / "test_zz_beyond.py").write_text(FAKE_BEYOND)
-    (tmp / "README.md").write_text(FAKE_README)
+    (spec / "test_00_hostile.py").write_text(FAKE_HOSTILE)
+    (tmp / "questions.toml").write_text(FAKE_QUESTIONS)
     bench = tmp / "bench"
     bench.mkdir()
     (bench / "bench-report.md").write_text("# Bench\n\n![ladder](ladder.png)\n")
     from matplotlib.figure import Figure
 
     Figure(figsize=(1, 1)).savefig(bench / "ladder.png")
-    args = ["--spec", spec, "--readme", tmp / "README.md", "--bench", bench, "--site", tmp / "site"]
+    args = ["--spec", spec, "--questions", tmp / "questions.toml", "--bench", bench, "--site", tmp / "site"]
     args += ["--work", tmp / "work", "--", "-q", "-p", "no:randomly"]
     done = subprocess.run(
         [sys.executable, "-m", "docs.build", *map(str, args)],
         cwd=ROOT,
+        # the fake spec needs no installed pytest plugin (hypothesis, benchmark...): loading none saves half
+        env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
         capture_output=True,
         text=True,
         timeout=120,
@@ -127,14 +181,17 @@ def built(tmp_path_factory):
 
 
 def test_the_site_has_an_index_a_page_per_spec_file_and_the_questions(built):
-    """The site opens at index.html; the lesson comes first in the index, with its notebook, its
-    claim counts and a link to its page; the file beyond the lessons comes after it."""
+    """The site opens at index.html; the lessons come first in the index, in the order of the notebooks
+    their markers name (test_00_hostile is lesson 02: after test_01_fake), each with its notebook, its
+    claim counts and a link to its page; the file beyond the lessons comes after them."""
     site, _, _ = built
     index = (site / "index.html").read_text()
     for page in ("test_01_fake.html", "test_zz_beyond.html", "questions.html", "bench/bench-report.html"):
         assert (site / page).is_file(), page
+    index = index[index.index("<article") :]  # the page itself, not the navigation around it
     assert (
         index.index("test_01_fake.html")
+        < index.index("test_00_hostile.html")
         < index.index("Beyond the lessons")
         < index.index("test_zz_beyond.html")
     )
@@ -187,9 +244,10 @@ def test_a_figure_the_test_built_is_saved_and_shown(built):
     (figure,) = claims["test_a_figure_is_drawn_and_dropped"]["cases"][0]["figures"]
     assert (site / "figures" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f'src="figures/{figure}"' in (site / "test_01_fake.html").read_text()
-    assert all(
-        not c["cases"][0]["figures"] for n, c in claims.items() if n != "test_a_figure_is_drawn_and_dropped"
-    )
+    (lesson,) = [f for f in record["files"] if f["stem"] == "test_01_fake"]
+    assert [c["name"] for c in lesson["claims"] if any(case["figures"] for case in c["cases"])] == [
+        "test_a_figure_is_drawn_and_dropped"
+    ]
 
 
 def test_class_methods_and_expected_failures_are_claims(built):
@@ -204,55 +262,128 @@ def test_class_methods_and_expected_failures_are_claims(built):
 
 
 def test_questions_link_to_the_claims_that_answer_them(built):
+    """Each test a question names links to its claim; one that is not in the run is said to be missing.
+    The question's `code` is code and its HTML is text."""
     site, _, _ = built
-    questions = (site / "questions.html").read_text()
-    assert 'href="test_01_fake.html#test_a_claim_that_holds_for_float32"' in questions
-    assert "test_not_there" in questions and "not in this run" in questions
+    page = (site / "questions.html").read_text()
+    assert 'href="test_01_fake.html#test_a_claim_that_holds_for_float32"' in page
+    assert "test_not_there" in page and "not in this run" in page
+    assert "<code>x &lt; y</code> &lt;b&gt;true&lt;/b&gt;?" in page
 
 
 @pytest.mark.parametrize(
-    ("rst", "md"),
+    ("doc", "md"),
     [
         ("uses ``x @ w`` here", "uses `x @ w` here"),
         ("a `name` too", "a `name` too"),
         ("2 * x * y_i and [0, 1]", r"2 \* x \* y\_i and \[0, 1\]"),
         ("a <b> & c", "a &lt;b&gt; &amp; c"),
         ("``a`b``", "``a`b``"),
-        ("Example::\n\n    x = 1", "Example:\n\n    x = 1"),
+        ("a lone ` stays", r"a lone \` stays"),
+        ("# not a heading\n---", "\\# not a heading\n\\---"),
+        ("For example:\n    x = 1\n    <b>\nafter", "For example:\n\n```text\nx = 1\n<b>\n```\n\nafter"),
+        ("Code:\n    a ```` b", "Code:\n\n`````text\na ```` b\n`````"),
     ],
 )
-def test_docstrings_become_markdown(rst, md):
-    assert pages.rst_to_md(rst) == md
+def test_docstrings_become_markdown_with_both_backtick_styles_as_code_and_the_rest_as_text(doc, md):
+    """Docstrings write inline code as ``code`` or `code`: both are code, with no converter. Everything
+    else is text, and an indented block is code in a fence longer than any backtick run inside it."""
+    assert pages.docstring_md(doc) == md
 
 
 def test_a_name_reads_as_the_sentence_it_is():
     assert pages.sentence("test_log_softmax_in_float32_is_finite") == "Log softmax in float32 is finite"
 
 
-def test_the_readmes_questions_name_tests_that_exist():
-    """Every test the README's question table names is a test in spec_tests, so no link on the
-    questions page is dead, and every spec file in the reading guide exists."""
-    readme = (ROOT / "README.md").read_text()
-    defined = {}
+def _defined_tests() -> set[str]:
+    """The node ids of the spec's test functions and test methods, by reading the files (nothing runs)."""
+    ids = set()
     for path in (ROOT / "spec_tests").glob("test_*.py"):
-        tree = ast.parse(path.read_text())
-        names = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
-        defined[path.stem] = names
-    qs = pages.questions(readme)
-    assert qs, "the README has a table of learners' questions"
+        rel = path.relative_to(ROOT).as_posix()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                ids.add(f"{rel}::{node.name}")
+            elif isinstance(node, ast.ClassDef):
+                ids |= {f"{rel}::{node.name}::{m.name}" for m in node.body if isinstance(m, ast.FunctionDef)}
+    return ids
+
+
+def test_every_test_a_learners_question_names_exists():
+    """docs/questions.toml names its answers as node ids: each must be a test in spec_tests, so that no
+    link on the questions page is dead and ``pytest <node id>`` runs the answer."""
+    qs = questions.load()
+    assert qs, "docs/questions.toml asks no question"
+    defined = _defined_tests()
     for q in qs:
         assert q.tests, f"question {q.text!r} names no test"
-        for prefix, name in q.tests:
-            assert any(s.startswith(prefix) and name in ns for s, ns in defined.items()), (
-                f"question {q.text!r}: {name} is not a test in spec_tests/{prefix}*.py"
-            )
-    guide = pages.reading_guide(readme)
-    assert set(guide) <= set(defined), f"reading guide names missing files: {set(guide) - set(defined)}"
+        missing = [t for t in q.tests if t not in defined]
+        assert not missing, f"question {q.text!r} names tests that are not in spec_tests: {missing}"
+
+
+def test_the_readmes_questions_table_is_the_one_docs_questions_toml_gives():
+    """The README's table of questions is generated from docs/questions.toml, so the two cannot drift
+    apart: a row added to the README alone (or a question edited there) fails here. Fix it by moving the
+    question into docs/questions.toml and running `python -m docs.questions`."""
+    readme = (ROOT / "README.md").read_text()
+    expected = questions.readme_with_table(readme, questions.load())
+    assert readme == expected, (
+        "README.md's questions table differs from docs/questions.toml: put each question in "
+        "docs/questions.toml, then run `python -m docs.questions`. The table it expects:\n"
+        + questions.readme_table(questions.load())
+    )
+
+
+def test_a_question_entry_without_node_ids_is_refused_by_its_number(tmp_path):
+    """A test name without its file (``test_x`` instead of ``spec_tests/test_03_....py::test_x``) would
+    link nowhere: the file is refused, naming the entry."""
+    bad = tmp_path / "questions.toml"
+    bad.write_text(
+        '[[question]]\nquestion = "Why?"\ntests = ["spec_tests/a.py::test_a"]\n\n'
+        '[[question]]\nquestion = "How?"\ntests = ["test_b"]\n'
+    )
+    with pytest.raises(ValueError, match="question 2 must have"):
+        questions.load(bad)
 
 
 def test_a_parameter_is_shown_without_the_addresses_that_change_every_run():
     from docs.recorder import _short_repr
 
     assert _short_repr(len) == "len"
-    assert re.fullmatch(r"Question\(text='q', tests=\[\]\)", _short_repr(pages.Question("q")))
+    assert re.fullmatch(r"Question\(text='q', tests=\[\]\)", _short_repr(questions.Question("q", [])))
     assert "0x" not in _short_repr([lambda: 1, object()]) and len(_short_repr("a" * 500)) == 80
+
+
+def _outside_code(page: str, needle: str) -> list[int]:
+    """Where ``needle`` occurs in ``page`` outside every <code> element (an open fence would leave it out)."""
+    found = []
+    for m in re.finditer(re.escape(needle), page):
+        before = page[: m.start()]
+        if before.rfind("<code") <= before.rfind("</code>"):
+            found.append(m.start())
+    return found
+
+
+def test_a_specs_own_text_never_becomes_live_html_or_breaks_out_of_its_box(built):
+    """A docstring line indented under a prose line, a failure message or skip reason holding a line of
+    backticks, a source holding a longer one, a parametrize id holding ``](``: each stays text where the
+    page put it. No <script> from the spec is live, every code box holds its whole text, and the figure's
+    caption keeps the whole id while its image still loads."""
+    site, record, _ = built
+    page = (site / "test_00_hostile.html").read_text()
+    assert "<script>window.pwned" not in page and 'href="javascript' not in page
+    for n in range(5):
+        assert f"&lt;script&gt;window.pwned = {n}&lt;/script&gt;" in page, n
+    for tail in ("after the message's fence", "after the reason's fence", "after the source's fence"):
+        assert _outside_code(page, tail) == [], tail
+    assert re.findall(r'<h2 id="([^"]+)"', page) == [
+        "test_an_indented_line_under_prose_stays_text",
+        "test_a_failure_message_with_a_fence_stays_in_its_box",
+        "test_a_skip_reason_with_a_fence_stays_in_its_box",
+        "test_source_with_a_fence_stays_in_its_box",
+        "test_an_id_that_closes_a_caption",
+    ]
+    assert page.count("<details") == 5  # one result box per claim: none swallowed by an open fence
+    claims = {c["name"]: c for f in record["files"] for c in f["claims"]}
+    (figure,) = claims["test_an_id_that_closes_a_caption"]["cases"][0]["figures"]
+    (img,) = re.findall(rf'<img[^>]*src="figures/{re.escape(figure)}"[^>]*>', page)
+    assert "javascript:alert(1))" in img and "&lt;script&gt;" in img

@@ -10,7 +10,9 @@ Beyond lesson 03 (03_minibatch_training): the lesson's ``nll(log_softmax(x), y)`
   bfloat16, float16 on CPU; devices without a Triton kernel): the same algorithm in vectorised torch
   ops, a chunk of rows at a time through one reused buffer, so the extra memory is one chunk
   (``CHUNK_ELEMENTS``) plus O(N), never N x V. Half precision is computed in float32 chunk by chunk.
-- ``cpp_loss`` calls the C++ kernel with the same arguments.
+- ``cpp_loss`` calls the C++ kernel with the same arguments. Its gradient tensor comes from the
+  extension's pool of one block (``pooled_empty``): memory PyTorch has freed, reused because fresh pages
+  cost more than the arithmetic; ``release_gradient_memory()`` frees the kept block.
 
 Both take F.cross_entropy's ``ignore_index`` and ``label_smoothing`` and return each row's loss; given a
 ``row_scale`` [N] they also write the gradient, ``(softmax - (1 - eps) onehot - eps / V) * row_scale``
@@ -35,6 +37,7 @@ __all__ = [
     "chunk_loss",
     "chunked_loss",
     "cpp_loss",
+    "release_gradient_memory",
 ]
 
 #: Elements per chunk of the torch fallback (16 MiB of float32): a bounded buffer, independent of N,
@@ -163,43 +166,10 @@ def chunked_loss(
     return row_loss, grad
 
 
-class GradientBuffer:
-    """The one N x V buffer the C++ path writes the gradient into, reused from call to call.
-
-    A fresh 1 GiB tensor costs a page fault per page on first write (here that was slower than computing
-    the gradient). So, as PyTorch's CUDA caching allocator does for GPU memory, the buffer is kept after
-    the caller is done with it and reused by the next call of the same shape, but only when nothing else
-    refers to its memory: the gradient handed out is a second tensor on the same storage, and while it
-    (or any view of it, or its storage) lives, the storage's use count says so and a new buffer is made
-    instead. Holds at most one buffer; ``release()`` drops it.
-    """
-
-    def __init__(self) -> None:
-        self._buf: torch.Tensor | None = None
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _only_ours(buf: torch.Tensor) -> bool:
-        count = getattr(torch._C, "_storage_Use_Count", None)
-        if count is None:  # without the count we cannot know: never reuse
-            return False
-        storage = buf.untyped_storage()
-        return count(storage._cdata) <= 2  # our tensor and the `storage` object just made
-
-    def take(self, n: int, v: int, make) -> torch.Tensor:
-        """A [n, v] float32 tensor nobody else holds: the kept buffer if free, else ``make()`` (kept)."""
-        with self._lock:
-            buf = self._buf
-            if buf is None or buf.shape != (n, v) or not self._only_ours(buf):
-                self._buf = buf = make()
-            return buf.detach()  # a second tensor on the same storage: its life is what we count
-
-    def release(self) -> None:
-        with self._lock:
-            self._buf = None
-
-
-GRADIENT_BUFFER = GradientBuffer()
+def release_gradient_memory() -> None:
+    """Frees the C++ path's kept gradient block (see ``cpp_loss``), e.g. after training; no-op without it."""
+    if _state["module"] is not None:
+        _state["module"].release_pool()
 
 
 def cpp_loss(
@@ -215,8 +185,11 @@ def cpp_loss(
     if row_scale is None:
         return ext.forward(logits, target, ignore_index, label_smoothing, 0, 1.0, None)[2], None
     out = None
-    if grad_mode == 1:  # a huge-page-advised tensor from the extension, kept and reused while free
-        N, V = logits.shape
-        out = GRADIENT_BUFFER.take(N, V, lambda: ext.empty_huge_pages(N, V))
+    if grad_mode == 1:
+        # From the extension's pool: fresh pages would cost a page fault each on first write, more than
+        # the gradient's arithmetic, so a block freed by PyTorch is reused. The block returns to the pool
+        # only from its tensor's deleter, when no storage refers to it any more, so a gradient the caller
+        # still holds in any form is never written again.
+        out = ext.pooled_empty(*logits.shape)
     result = ext.forward(logits, target, ignore_index, label_smoothing, grad_mode, 1.0, row_scale, out)
     return result[2], (result[3] if grad_mode == 1 else logits)

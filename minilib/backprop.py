@@ -87,7 +87,10 @@ def _grad_of(fname: str, out: torch.Tensor) -> torch.Tensor:
 
 def relu_grad(inp: torch.Tensor, out: torch.Tensor) -> None:
     """ReLU passes the gradient where its input was positive and blocks it elsewhere: ``inp.g``."""
-    contract.same_shape("relu_grad", inp=inp, out=out)
+    contract.tensor("relu_grad", inp=inp, out=out)
+    if inp.shape != out.shape:
+        shapes = f"inp {contract.shape(inp)}, out {contract.shape(out)}"
+        raise ValueError(f"relu_grad: inp and out must have one shape, got {shapes}")
     g = _grad_of("relu_grad", out)
     with torch.no_grad():
         inp.g = (inp > 0).to(g.dtype) * g

@@ -11,10 +11,10 @@ so a user reads at once which call, which argument, what it wanted and what it h
 
     ValueError: lin: x must be a float tensor, got a 3x4 int64 tensor on cpu
 
-The error types follow ../shared/API.md: TypeError when a value is not even of the right kind (not a
-tensor, not a number), ValueError for a wrong shape, dtype, device or value, IndexError for a class
-index out of range. Arguments are passed by keyword (``x=x``) so that the message uses the very name
-the user typed. Nothing here mutates or copies its inputs.
+The error types are the ones spec_tests/test_contracts.py holds every public name to: TypeError when
+a value is not even of the right kind (not a tensor, not a number), ValueError for a wrong shape, dtype,
+device or value, IndexError for a class index out of range. Arguments are passed by keyword (``x=x``)
+so that the message uses the very name the user typed. Nothing here mutates or copies its inputs.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ __all__ = [
     "tensor",
     "float_tensor",
     "ndim",
-    "matrix",
     "same_device",
     "same_dtype",
     "positive_int",
@@ -90,13 +89,6 @@ def ndim(fname: str, arg: str, x: torch.Tensor, dims: int | Iterable[int], layou
         fail(fname, arg, f"{'/'.join(map(str, sorted(allowed)))}-D {layout}", x)
 
 
-def matrix(fname: str, **named: Any) -> None:
-    """Each value is a 2-D tensor."""
-    tensor(fname, **named)
-    for arg, x in named.items():
-        ndim(fname, arg, x, 2, "(a matrix)")
-
-
 def same_device(fname: str, **named: torch.Tensor) -> None:
     """All tensors are on one device; the message lists each argument's device."""
     if len({x.device for x in named.values()}) > 1:
@@ -123,16 +115,20 @@ def positive_int(fname: str, minimum: int = 1, **named: Any) -> int:
     return int(value)
 
 
-def finite_number(fname: str, *, positive: bool = False, **named: Any) -> float:
-    """Each value is a finite real number (and > 0 when ``positive``). Returns the last as a float."""
+def finite_number(
+    fname: str, *, positive: bool = False, within: tuple[float, float] | None = None, **named: Any
+) -> float:
+    """Each value is a finite real number (a 1-element tensor will do), > 0 when ``positive``, in
+    ``[low, high]`` when ``within=(low, high)``. Returns the last as a float."""
     value = 0.0
-    for arg, value in named.items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
+    for arg, given in named.items():
+        value = given.item() if isinstance(given, torch.Tensor) and given.numel() == 1 else given
         if isinstance(value, bool) or not isinstance(value, Real):
-            fail(fname, arg, "a real number", value, TypeError)
+            fail(fname, arg, "a real number", given, TypeError)
         if not math.isfinite(value) or (positive and not value > 0):
             fail(fname, arg, "a finite number" + (" > 0" if positive else ""), value)
+        if within is not None and not within[0] <= value <= within[1]:
+            fail(fname, arg, f"in [{within[0]:g}, {within[1]:g}]", value)
     return float(value)
 
 
@@ -188,16 +184,13 @@ def linear(fname: str, **xwb: torch.Tensor) -> None:
 
 __all__ += [
     "weight",
-    "same_shape",
     "finite",
-    "between",
     "nonempty",
     "same_length",
     "matmul",
     "scores",
     "classification",
     "regression",
-    "check_logits_and_target",
 ]
 
 
@@ -206,14 +199,6 @@ def weight(fname: str, **named: Any) -> None:
     float_tensor(fname, **named)
     for arg, x in named.items():
         ndim(fname, arg, x, range(2, 6), "[out, in, *kernel]")
-
-
-def same_shape(fname: str, **named: torch.Tensor) -> None:
-    """All values are tensors of one shape; the message lists each argument's shape."""
-    tensor(fname, **named)
-    if len({x.shape for x in named.values()}) > 1:
-        each = ", ".join(f"{arg} {shape(x)}" for arg, x in named.items())
-        raise ValueError(f"{fname}: {' and '.join(named)} must have one shape, got {each}")
 
 
 def finite(fname: str, *, nonzero: bool = False, **named: Any) -> None:
@@ -232,16 +217,6 @@ def finite(fname: str, *, nonzero: bool = False, **named: Any) -> None:
                 f"{describe(value)} holding {v[bad][0].item()}" if isinstance(value, torch.Tensor) else value
             )
             fail(fname, arg, expected, got)
-
-
-def between(fname: str, low: float, high: float, **named: Any) -> float:
-    """Each value is a real number in ``[low, high]`` (a 1-element tensor will do); returns the last."""
-    value = 0.0
-    for arg, x in named.items():
-        value = finite_number(fname, **{arg: x})
-        if not low <= value <= high:
-            fail(fname, arg, f"in [{low:g}, {high:g}]", x)
-    return value
 
 
 def nonempty(fname: str, **named: Any) -> None:
@@ -311,12 +286,6 @@ def classification(fname: str, **scores_target: torch.Tensor) -> None:
         fail(fname, tn, f"1-D with one class per row of {sn} ({sn} is {shape(s)})", t)
     same_device(fname, **scores_target)
     class_indices(fname, t, s.shape[1], arg=tn, scores=sn)
-
-
-def check_logits_and_target(input, target, name, input_name="input", target_name="target") -> None:
-    """`classification` under the name and positional signature that ``minilib.loss`` exported first (the
-    kernels call it): ``input`` [N, C] scores, ``target`` [N], named ``input_name`` and ``target_name``."""
-    classification(name, **{input_name: input, target_name: target})
 
 
 def regression(fname: str, **output_targ: torch.Tensor) -> None:

@@ -27,7 +27,11 @@ def gain(a: float) -> float:
     """sqrt(2 / (1 + a**2)): the factor that keeps a leaky ReLU of negative slope ``a`` from shrinking
     its input's second moment. gain(0) = sqrt(2) (plain ReLU), gain(1) = 1 (no non-linearity),
     gain(sqrt(5)) = 1/sqrt(3), PyTorch's accidental default."""
-    a = contract.finite_number("gain", a=a)
+    return _gain("gain", a)
+
+
+def _gain(fname: str, a) -> float:
+    a = contract.finite_number(fname, a=a)  # in the message, the function the user called
     # The same expression as torch.nn.init.calculate_gain("leaky_relu", a), so kaiming2 draws the same bound.
     return math.sqrt(2.0 / (1 + a**2))
 
@@ -47,7 +51,12 @@ def fan_in_fan_out(w: torch.Tensor) -> tuple[int, int]:
     ``out * receptive_field`` outputs (the fan-out). For ``nn.Conv2d(1, 32, 5)``: 25 and 800.
     A bias (1-D) has no fan.
     """
-    contract.weight("fan_in_fan_out", w=w)
+    return _fans("fan_in_fan_out", w=w)
+
+
+def _fans(fname: str, **named: torch.Tensor) -> tuple[int, int]:
+    (w,) = named.values()
+    contract.weight(fname, **named)  # in the message, the function the user called and its argument's name
     receptive_field = math.prod(w.shape[2:])
     return w.shape[1] * receptive_field, w.shape[0] * receptive_field
 
@@ -59,12 +68,11 @@ def kaiming2(x: torch.Tensor, a: float, use_fan_out: bool = False) -> torch.Tens
     sqrt(3) times that. The float arithmetic and the single ``uniform_`` call are the ones
     ``torch.nn.init.kaiming_uniform_(x, a=a)`` makes, so with the same seed both give the same tensor.
     """
-    contract.weight("kaiming2", x=x)
-    a = contract.finite_number("kaiming2", a=a)
+    fan_in, fan_out = _fans("kaiming2", x=x)
+    g = _gain("kaiming2", a)
     if x.numel() == 0:
         return x  # nothing to fill; PyTorch likewise draws nothing (it warns)
-    fan_in, fan_out = fan_in_fan_out(x)
-    std = gain(a) / math.sqrt(fan_out if use_fan_out else fan_in)
+    std = g / math.sqrt(fan_out if use_fan_out else fan_in)
     bound = math.sqrt(3.0) * std
     with torch.no_grad():  # x is usually a Parameter: an in-place draw must not enter the autograd graph
         return x.uniform_(-bound, bound)

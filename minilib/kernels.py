@@ -8,10 +8,12 @@ keeping a running max and a running sum of exponentials (the online softmax). Wh
 gradient (CPU, 'mean' or 'sum'), the same sweep also writes the gradient
 ``(softmax - (1 - eps) onehot - eps / V) / n_valid`` while the row is still in cache, so a training step
 reads the logits once and writes the gradient once; the backward only hands it over (multiplying by
-grad_out if that is not 1). The gradient goes into a buffer that is reused from step to step once the
-caller has let go of the previous gradient (``_cpu_cross_entropy.GradientBuffer``): fresh pages would
-cost more than the arithmetic. Elsewhere ('none', GPUs: grad_out unknown until the backward and not
-readable without a host sync) the backward writes the gradient from the logits in its own sweep.
+grad_out if that is not 1). The gradient goes into memory that is reused from step to step once PyTorch
+has freed the previous gradient (the C++ extension's ``pooled_empty``): fresh pages would cost more than
+the arithmetic, and a block returns to the pool only when no storage refers to it, so a gradient the
+caller keeps in any form (tensor, view, storage, a copy sent to another process) is never written again.
+Elsewhere ('none', GPUs: grad_out unknown until the backward and not readable without a host sync) the
+backward writes the gradient from the logits in its own sweep.
 Second derivatives (``create_graph=True``) are taken through F.cross_entropy's own graph: right, if slow.
 
 ``fused_linear_cross_entropy(input, linear_weight, target, ...)`` is ``F.linear_cross_entropy``: lesson
@@ -149,23 +151,33 @@ def _check_options(fname: str, reduction: Any, ignore_index: Any, label_smoothin
     return eps
 
 
-def _check_target(fname: str, target: Any, n: int, n_classes: int, scores: str, ignore_index: int) -> None:
+def _check_target(
+    fname: str, target: Any, n: int, n_classes: int, ignore_index: int, rows: str, classes: str
+) -> None:
+    """``target`` holds one class per row of the argument ``rows`` (n of them), each in [0, n_classes) (the
+    classes of the argument ``classes``) or ``ignore_index``."""
     contract.tensor(fname, target=target)
     if target.dtype != torch.int64:
         contract.fail(fname, "target", "int64 class indices", target)
     if target.dim() != 1 or target.shape[0] != n:
-        contract.fail(fname, "target", f"1-D with one class per row of {scores} ({n})", target)
+        contract.fail(fname, "target", f"1-D with one class per row of {rows} ({n})", target)
     if target.is_cuda:
         # No host sync on the GPU: a device-side assert, as F.cross_entropy's own kernel does.
         bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
         torch._assert_async(~bad.any(), f"{fname}: target holds a class outside [0, {n_classes})")
     else:
-        contract.class_indices(fname, target, n_classes, scores=scores, ignore_index=ignore_index)
+        contract.class_indices(fname, target, n_classes, scores=classes, ignore_index=ignore_index)
 
 
 def _check_rows(fname: str, arg: str, x: torch.Tensor) -> None:
     if x.shape[0] == 0:
         contract.fail(fname, arg, "a batch of at least one row (a mean over no rows is nan)", x)
+
+
+def _check_classes(fname: str, arg: str, n_classes: int, x: torch.Tensor, layout: str) -> None:
+    # With no classes there is no softmax (its sum is empty): no target can be valid.
+    if n_classes == 0:
+        contract.fail(fname, arg, f"{layout} with V >= 1 classes (a softmax over no classes is undefined)", x)
 
 
 # --- fused_cross_entropy ----------------------------------------------------------------------------------
@@ -182,11 +194,18 @@ def _reduce(
     return (total / n_valid if reduction == "mean" else total).to(dtype)
 
 
-def _grad_scale(target: torch.Tensor, ignore_index: int, reduction: str):
-    """(n_valid, the per-row scale of the gradient: 1 / n_valid for 'mean', 1 for 'sum'/'none')."""
+def _scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float64 keeps its precision (a float32 1/n would cost float64 gradients 8 digits); the kernels for
+    # float32 and half precision compute in float32.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grad_scale(target: torch.Tensor, ignore_index: int, reduction: str, dtype: torch.dtype):
+    """(n_valid, the per-row scale of the gradient: 1 / n_valid for 'mean', 1 for 'sum'/'none'), in the
+    precision the gradient of ``dtype`` inputs is computed in."""
     valid = target != ignore_index
     n_valid = valid.sum()
-    scale = valid.to(torch.float32)
+    scale = valid.to(_scale_dtype(dtype))
     if reduction == "mean":
         scale = scale / n_valid  # tensor ops: no host sync on the GPU
     return n_valid, scale
@@ -199,7 +218,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, reduction, ignore_index, eps, kernel, one_sweep):
-        n_valid, scale = _grad_scale(target, ignore_index, reduction)
+        n_valid, scale = _grad_scale(target, ignore_index, reduction, logits.dtype)
         sweep = one_sweep and ctx.needs_input_grad[0] and reduction != "none"
         row_loss, grad = kernel(logits, target, ignore_index, eps, 1, scale if sweep else None)
         ctx.grad = grad  # the gradient of the loss itself (grad_out = 1), or None
@@ -221,7 +240,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 grad.mul_(grad_out.to(grad.dtype))
             return grad, None, None, None, None, None, None
         row_scale = scale * (grad_out if reduction == "none" else grad_out.reshape(()))
-        _, grad = kernel(logits, target, ignore_index, eps, 1, row_scale.to(torch.float32).contiguous())
+        row_scale = row_scale.to(_scale_dtype(logits.dtype)).contiguous()
+        _, grad = kernel(logits, target, ignore_index, eps, 1, row_scale)
         return grad, None, None, None, None, None, None
 
 
@@ -251,16 +271,20 @@ def fused_cross_entropy(
     (CPU, 'mean' or 'sum'), the forward writes it in the same sweep as the loss, while each row is in
     cache, and holds it (N x V) until the backward hands it over. Errors name the arguments: TypeError for
     a non-tensor or an unsupported keyword (``weight=``), ValueError for shapes, dtypes, devices, an empty
-    batch or a bad option, IndexError for a target outside ``[0, V)`` other than ``ignore_index``.
+    batch, zero classes, sparse logits (as F.cross_entropy refuses them) or a bad option, IndexError for a
+    target outside ``[0, V)`` other than ``ignore_index``. float64 logits get float64 values and gradients.
     """
     fname = "fused_cross_entropy"
     eps = _check_options(fname, reduction, ignore_index, label_smoothing, unsupported)
     contract.float_tensor(fname, logits=logits)
+    if logits.layout != torch.strided:  # as F.cross_entropy, which has no sparse log_softmax
+        contract.fail(fname, "logits", "a dense (strided) tensor (sparse logits are not supported)", logits)
     contract.ndim(fname, "logits", logits, 2, "[N, V] (a batch of rows of class scores)")
     _check_rows(fname, "logits", logits)
+    _check_classes(fname, "logits", logits.shape[1], logits, "[N, V]")
     contract.tensor(fname, target=target)
     contract.same_device(fname, logits=logits, target=target)
-    _check_target(fname, target, logits.shape[0], logits.shape[1], "logits", ignore_index)
+    _check_target(fname, target, *logits.shape, ignore_index, rows="logits", classes="logits")
     kernel = _loss_kernel(logits)
     # One sweep where the backward can check grad_out for free (CPU); on a GPU the backward's own sweep
     # avoids both a host sync and a third pass to scale by grad_out.
@@ -329,7 +353,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, target, reduction, ignore_index, eps, kernel, grad_enabled):
-        n_valid, scale = _grad_scale(target, ignore_index, reduction)
+        n_valid, scale = _grad_scale(target, ignore_index, reduction, x.dtype)
         needs = ctx.needs_input_grad[:3] if grad_enabled else (False,) * 3  # no gradients under no_grad
         sweep = any(needs) and reduction != "none"
         row_loss, *grads = _linear_sweep(
@@ -352,7 +376,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             )
             return grads + (None,) * 6
         if grads is None:
-            row_scale = (scale * grad_out.reshape(-1 if reduction == "none" else ())).to(torch.float32)
+            row_scale = scale * grad_out.reshape(-1 if reduction == "none" else ())
+            row_scale = row_scale.to(_scale_dtype(x.dtype))
             needs = ctx.needs_input_grad[:3]
             _, *grads = _linear_sweep(
                 x, w, b, target, ignore_index, eps, row_scale.contiguous(), needs, kernel
@@ -383,7 +408,8 @@ def fused_linear_cross_entropy(
     the N x V logits, and at most LINEAR_CHUNK_ELEMENTS), the fused loss turns the chunk into its gradient
     in place, and two more matmuls give the chunk's share of the input's and the weight's gradients. Equal
     to PyTorch's F.linear_cross_entropy in value and gradients; same keywords, errors and second-derivative
-    rule as fused_cross_entropy.
+    rule as fused_cross_entropy. A sparse operand is made dense first (it is no larger than a dense one
+    would be) and gets a dense gradient, as F.linear_cross_entropy gives.
     """
     fname = "fused_linear_cross_entropy"
     eps = _check_options(fname, reduction, ignore_index, label_smoothing, unsupported)
@@ -409,13 +435,35 @@ def fused_linear_cross_entropy(
     contract.same_device(fname, **named)
     contract.same_dtype(fname, **named)
     _check_rows(fname, "input", input)
+    _check_classes(fname, "linear_weight", linear_weight.shape[0], linear_weight, "[V, H]")
     contract.tensor(fname, target=target)
     contract.same_device(fname, input=input, target=target)
-    _check_target(fname, target, input.shape[0], linear_weight.shape[0], "linear_weight", ignore_index)
+    n, v = input.shape[0], linear_weight.shape[0]
+    _check_target(fname, target, n, v, ignore_index, rows="input", classes="linear_weight")
+    x, w, b = (_dense(t) for t in (input, linear_weight, linear_bias))
     return _FusedLinearCrossEntropy.apply(
-        input.contiguous(), linear_weight.contiguous(), linear_bias, target.contiguous(), reduction,
-        ignore_index, eps, _loss_kernel(input), torch.is_grad_enabled(),
+        x.contiguous(), w.contiguous(), b, target.contiguous(), reduction, ignore_index, eps,
+        _loss_kernel(x), torch.is_grad_enabled(),
     )  # fmt: skip
+
+
+class _Densify(torch.autograd.Function):
+    """``x.to_dense()`` whose backward hands the dense gradient back as it is, as F.linear_cross_entropy
+    does for a sparse operand (autograd's own to_dense would mask it to the sparsity pattern)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.to_dense()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _dense(x: torch.Tensor | None) -> torch.Tensor | None:
+    """A sparse (COO, CSR, ...) operand made dense: it is N x H or V x H, the size of a dense argument,
+    far below the N x V logits; the kernels walk dense rows."""
+    return x if x is None or x.layout == torch.strided else _Densify.apply(x)
 
 
 def _apply_fused(kernel, logits, target, *, reduction="mean", ignore_index=-100, label_smoothing=0.0,

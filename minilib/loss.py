@@ -12,7 +12,6 @@ from collections.abc import Callable
 import torch
 
 from minilib import contract
-from minilib.contract import check_logits_and_target  # the kernels' name for contract.classification
 
 __all__ = [
     "softmax",
@@ -25,7 +24,6 @@ __all__ = [
     "nll",
     "cross_entropy",
     "accuracy",
-    "check_logits_and_target",
 ]
 
 

@@ -19,7 +19,6 @@ import torch
 from minilib import contract
 
 __all__ = [
-    "shape_str",
     "matmul_loops",
     "matmul_elementwise",
     "matmul_broadcast",
@@ -27,8 +26,6 @@ __all__ = [
     "matmul_torch",
     "MATMULS",
 ]
-
-shape_str = contract.shape  # a shape as every message writes it: ``3x4`` (kept under its lesson-01 name)
 
 
 def matmul_loops(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

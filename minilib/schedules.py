@@ -46,7 +46,7 @@ class Schedule:
         return (self.builder, (self.start, self.end))
 
     def __call__(self, pos) -> float:
-        return float(self.f(self.start, self.end, contract.between(self.name, 0.0, 1.0, pos=pos)))
+        return float(self.f(self.start, self.end, contract.finite_number(self.name, within=(0, 1), pos=pos)))
 
     def __repr__(self) -> str:
         return f"{self.name}({self.start:g}, {self.end:g})"
@@ -94,8 +94,10 @@ def sched_no(start: float, end: float, pos: float) -> float:
 
 
 def _exp(start: float, end: float, pos: float) -> float:
-    # start * (end / start) ** pos, with the ratio taken in logs: end / start overflows for 1e-300 and 1e300.
-    return min(max(math.exp(_mix(math.log(start), math.log(end), pos)), min(start, end)), max(start, end))
+    # start * (end / start) ** pos, with the ratio taken in logs (end / start overflows for 1e-300 and 1e300):
+    # the magnitude goes geometrically from |start| to |end|; the sign, the ends' own, stays.
+    a, b = abs(start), abs(end)
+    return math.copysign(min(max(math.exp(_mix(math.log(a), math.log(b), pos)), min(a, b)), max(a, b)), start)
 
 
 _exp.__name__ = "sched_exp"  # what a Schedule's repr prints
@@ -104,11 +106,16 @@ _exp.__name__ = "sched_exp"  # what a Schedule's repr prints
 def sched_exp(start, end) -> Schedule:
     """Geometric from ``start`` to ``end``: equal ratios in equal steps (a straight line on a log axis).
 
-    ``(end / start) ** pos`` needs ``start`` and ``end`` of one sign and non-zero; a schedule scales a
-    learning rate or a momentum, so both must be > 0.
+    ``(end / start) ** pos`` is a real number only for ends of one sign, neither of them zero: two
+    learning rates, or two negative values (``sched_exp(-1, -3)`` is ``-1 * 3 ** pos``, as the notebook
+    computes it). A zero or ends of opposite signs: ValueError naming the argument.
     """
-    contract.finite_number("sched_exp", positive=True, start=start, end=end)
-    return Schedule(_exp, start, end, builder=sched_exp)
+    sched = Schedule(_exp, start, end, builder=sched_exp)  # checks that both are finite numbers
+    if sched.start == 0:
+        contract.fail("sched_exp", "start", "non-zero (end / start is the ratio)", start)
+    if sched.end == 0 or (sched.end > 0) != (sched.start > 0):
+        contract.fail("sched_exp", "end", f"non-zero and of start's sign (start is {sched.start:g})", end)
+    return sched
 
 
 class CombinedSchedule:
@@ -125,7 +132,7 @@ class CombinedSchedule:
         self.last = max(i for i, p in enumerate(pcts) if bounds[i + 1] > bounds[i])
 
     def __call__(self, pos) -> float:
-        pos = contract.between("combine_scheds", 0.0, 1.0, pos=pos)
+        pos = contract.finite_number("combine_scheds", within=(0, 1), pos=pos)
         # The segment i with bounds[i] <= pos < bounds[i+1]; bisect_right skips empty segments by itself.
         i = min(bisect.bisect_right(self.bounds, pos) - 1, self.last)
         lo, hi = self.bounds[i], self.bounds[i + 1]
@@ -146,9 +153,8 @@ def combine_scheds(pcts: Sequence[float], scheds: Sequence[Callable]) -> Combine
     fname = "combine_scheds"
     if isinstance(pcts, (str, bytes)) or not isinstance(pcts, Sequence):
         contract.fail(fname, "pcts", "a list of fractions", pcts, TypeError)
-    contract.nonempty(fname, pcts=pcts)
-    pcts = [contract.between(fname, 0.0, 1.0, **{f"pcts[{i}]": p}) for i, p in enumerate(pcts)]
-    if abs(sum(pcts) - 1.0) > 1e-6:  # not ==: 0.1 + 0.2 + 0.7 is not exactly 1 in floating point
+    pcts = [contract.finite_number(fname, within=(0, 1), **{f"pcts[{i}]": p}) for i, p in enumerate(pcts)]
+    if abs(sum(pcts) - 1.0) > 1e-6:  # not ==, as 0.1 + 0.2 + 0.7 is not exactly 1; no pcts at all sum to 0
         contract.fail(fname, "pcts", "fractions that sum to 1 (within 1e-6)", f"{pcts}, sum {sum(pcts)!r}")
     if len(scheds) != len(pcts):
         contract.fail(fname, "scheds", f"{len(pcts)} schedules, one per pct", f"{len(scheds)} schedules")

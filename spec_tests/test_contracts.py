@@ -1,4 +1,4 @@
-"""The contract (../shared/API.md): every public name, the bad inputs it refuses, and the error each gets.
+"""The contract: every public name, the bad inputs it refuses, and the error each gets.
 
 The lessons' files hold the lessons' claims; this file holds, in one table, what every public function
 does with input it cannot use. A user who passes the wrong thing must get, at once, an error of the
@@ -77,6 +77,12 @@ BAD += [
     Bad("contract.positive_int: a bool", lambda: contract.positive_int("f", n=True), TypeError, r"f: n "),
     Bad(
         "contract.finite_number: nan", lambda: contract.finite_number("f", lr=float("nan")), ValueError, r"lr"
+    ),
+    Bad(
+        "contract.finite_number: outside within",
+        lambda: contract.finite_number("f", within=(0, 1), pos=torch.tensor(1.5)),
+        ValueError,
+        r"f: pos must be in \[0, 1\], got a float \(1.5\)",
     ),
 ]
 
@@ -474,12 +480,6 @@ for _f in ("softmax", "log_softmax", "logsumexp"):
     UNTOUCHED += [Untouched(_f, _fn, lambda: (t(4, 5),))]
 BAD += [
     Bad(
-        "check_logits_and_target: caller's names",
-        lambda: loss.check_logits_and_target(t(2, 3), torch.tensor([0, 3]), "f", "logits", "labels"),
-        IndexError,
-        r"f: labels holds class 3 .* logits has only 3",
-    ),
-    Bad(
         "DummyModule: n_in 0",
         lambda: nn.DummyModule(0, 50, 10),
         ValueError,
@@ -699,20 +699,19 @@ BAD += [
         "sched_exp: start 0",
         lambda: schedules.sched_exp(0, 1),
         ValueError,
-        r"sched_exp: start must be a finite number > 0",
+        r"sched_exp: start must be non-zero",
+    ),
+    Bad(
+        "sched_exp: end -0.0",
+        lambda: schedules.sched_exp(-1, -0.0),
+        ValueError,
+        r"sched_exp: end must be non-zero",
     ),
     Bad(
         "sched_exp: across zero",
         lambda: schedules.sched_exp(1, -1),
         ValueError,
-        r"sched_exp: end must be a finite number > 0",
-    ),
-    Bad(
-        "sched_exp: both negative",
-        lambda: schedules.sched_exp(-1, -4),
-        ValueError,
-        r"sched_exp: start must be a finite number > 0",
-        defect=True,
+        r"sched_exp: end must be non-zero and of start's sign \(start is 1\), got an int \(-1\)",
     ),
     Bad("annealer: not a function", lambda: schedules.annealer(3), TypeError, r"annealer: f must be"),
     Bad(
@@ -737,7 +736,7 @@ BAD += [
         "combine_scheds: no pcts",
         lambda: schedules.combine_scheds([], []),
         ValueError,
-        r"combine_scheds: pcts must be non-empty",
+        r"combine_scheds: pcts must be fractions that sum to 1 \(within 1e-6\), got \[\], sum 0",
     ),
     Bad(
         "combine_scheds: a nan pct",
@@ -932,6 +931,20 @@ BAD += [
         defect=True,
     ),
     Bad(
+        "fused_cross_entropy: zero classes names logits",
+        lambda: _fce(t(3, 0), torch.zeros(3, dtype=torch.int64)),
+        ValueError,
+        r"fused_cross_entropy: logits must be \[N, V\] with V >= 1 classes",
+        defect=True,
+    ),
+    Bad(
+        "fused_cross_entropy: sparse logits named logits",
+        lambda: _fce(t(3, 5).to_sparse(), _y3),
+        ValueError,
+        r"fused_cross_entropy: logits must be a dense \(strided\) tensor",
+        defect=True,
+    ),
+    Bad(
         "fused_cross_entropy: weight= is refused",
         lambda: _fce(t(3, 5), _y3, weight=torch.ones(5)),
         TypeError,
@@ -990,6 +1003,20 @@ BAD += [
         lambda: _flce(t(3, 4), t(5, 4), _y3[:, None]),
         ValueError,
         r"target",
+    ),
+    Bad(
+        "fused_linear_cross_entropy: a short target is blamed on input's rows",
+        lambda: _flce(t(3, 4), t(5, 4), _y3[:2]),
+        ValueError,
+        r"fused_linear_cross_entropy: target must be 1-D with one class per row of input \(3\)",
+        defect=True,
+    ),
+    Bad(
+        "fused_linear_cross_entropy: zero classes names linear_weight",
+        lambda: _flce(t(3, 4), t(0, 4), torch.zeros(3, dtype=torch.int64)),
+        ValueError,
+        r"fused_linear_cross_entropy: linear_weight must be \[V, H\] with V >= 1 classes",
+        defect=True,
     ),
     Bad(
         "fused_linear_cross_entropy: class beyond the weight's rows",
@@ -1086,6 +1113,136 @@ BAD += [
         lambda: _ddp_fit(train_dl=[(torch.ones(2, 3), torch.ones(2))]),
         TypeError,
         r"learn.data.train_dl must be a torch.utils.data.DataLoader",
+    ),
+]
+
+# ------------------------------------------------------------------------ lesson 10
+# minilib.cnn, minilib.hooks, minilib.norm, minilib.lsuv (06_cuda_cnn_hooks_init, 07_batchnorm, 07a_lsuv)
+from minilib import cnn, hooks, lsuv, norm  # noqa: E402  (kept with their rows, appended for lesson 10)
+
+
+def _lsuv_on(layer, xb=None, **kw):
+    """``lsuv_module`` on a one-layer model."""
+    return lsuv.lsuv_module(torch.nn.Sequential(layer), layer, t(4, 1, 8, 8) if xb is None else xb, **kw)
+
+
+def _set_bias(layer, value):
+    layer.bias = value
+
+
+BAD += [
+    Bad(
+        "normalize_to: valid a list",
+        lambda: cnn.normalize_to(t(4, 3), [1.0]),
+        TypeError,
+        r"normalize_to: valid",
+    ),
+    Bad("Lambda: func 3", lambda: cnn.Lambda(3), TypeError, r"Lambda: func must be a callable"),
+    Bad("view_tfm: size 0", lambda: cnn.view_tfm(1, 0, 28), ValueError, r"view_tfm: size\[1\] must be"),
+    Bad(
+        "BatchTransformXCallback: tfm None",
+        lambda: cnn.BatchTransformXCallback(None),
+        TypeError,
+        r"BatchTransformXCallback: tfm",
+    ),
+    Bad("GeneralRelu: sub nan", lambda: cnn.GeneralRelu(sub=float("nan")), ValueError, r"GeneralRelu: sub"),
+    Bad("GeneralRelu: leak a str", lambda: cnn.GeneralRelu(leak="0.1"), TypeError, r"GeneralRelu: leak"),
+    Bad("conv_layer: ni 0", lambda: cnn.conv_layer(0, 8), ValueError, r"conv_layer: ni must be an int >= 1"),
+    Bad("conv_layer: norm 3", lambda: cnn.conv_layer(1, 8, norm=3), TypeError, r"conv_layer: norm"),
+    Bad("init_cnn: m a list", lambda: cnn.init_cnn([torch.nn.Conv2d(1, 1, 3)]), TypeError, r"init_cnn: m"),
+    Bad(
+        "get_cnn_layers: data without c",
+        lambda: cnn.get_cnn_layers(DataBunch(None, None), [8]),
+        TypeError,
+        r"get_cnn_layers: data\.c",
+    ),
+    Bad(
+        "get_cnn_layers: nfs empty",
+        lambda: cnn.get_cnn_layers(DataBunch(None, None, c=2), []),
+        ValueError,
+        r"nfs",
+    ),
+    Bad(
+        "get_runner: lr -1",
+        lambda: cnn.get_runner(torch.nn.Linear(2, 2), tiny_data(), lr=-1),
+        ValueError,
+        r"get_runner: lr must be a finite number > 0",
+    ),
+    Bad("Hook: m a function", lambda: hooks.Hook(print, hooks.append_stats), TypeError, r"Hook: m"),
+    Bad("Hook: f 3", lambda: hooks.Hook(torch.nn.ReLU(), 3), TypeError, r"Hook: f"),
+    Bad(
+        "ListContainer: a mask too short",
+        lambda: hooks.ListContainer([1, 2, 3])[[True, False]],
+        IndexError,
+        r"mask has 2, the container 3",
+    ),
+    Bad(
+        "get_hist: a hook that recorded nothing",
+        lambda: hooks.get_hist(hooks.Hook(torch.nn.ReLU(), hooks.append_stats)),
+        ValueError,
+        r"get_hist: h must be a hook that has recorded",
+    ),
+    Bad("ActivationStats: mod_filter 3", lambda: hooks.ActivationStats(3), TypeError, r"mod_filter"),
+    Bad("BatchNorm: nf 0", lambda: norm.BatchNorm(0), ValueError, r"BatchNorm: nf must be an int >= 1"),
+    Bad(
+        "BatchNorm: mom 2",
+        lambda: norm.BatchNorm(3, mom=2),
+        ValueError,
+        r"BatchNorm: mom must be in \[0, 1\]",
+    ),
+    Bad("BatchNorm: x 2-D", lambda: norm.BatchNorm(3)(t(4, 3)), ValueError, r"BatchNorm: x must be 4-D"),
+    Bad(
+        "BatchNorm: x with 5 channels",
+        lambda: norm.BatchNorm(3)(t(2, 5, 4, 4)),
+        ValueError,
+        r"BatchNorm: x must be \[N, 3, H, W\]",
+    ),
+    Bad("LayerNorm: eps 0", lambda: norm.LayerNorm(eps=0), ValueError, r"LayerNorm: eps"),
+    Bad(
+        "InstanceNorm: x int",
+        lambda: norm.InstanceNorm(3)(torch.ones(2, 3, 4, 4, dtype=torch.int64)),
+        ValueError,
+        r"x",
+    ),
+    Bad(
+        "RunningBatchNorm: one sample in training",
+        lambda: norm.RunningBatchNorm(3)(t(1, 3, 4, 4)),
+        ValueError,
+        r"RunningBatchNorm: x must be a batch of at least two samples",
+    ),
+    Bad("ConvLayer: nf 0", lambda: lsuv.ConvLayer(1, 0), ValueError, r"ConvLayer: nf"),
+    Bad(
+        "ConvLayer: bias set to nan",
+        lambda: _set_bias(lsuv.ConvLayer(1, 2), float("nan")),
+        ValueError,
+        r"bias",
+    ),
+    Bad("lsuv_module: tol 0", lambda: _lsuv_on(lsuv.ConvLayer(1, 2), tol=0), ValueError, r"lsuv_module: tol"),
+    Bad(
+        "lsuv_module: max_iters 0",
+        lambda: _lsuv_on(lsuv.ConvLayer(1, 2), max_iters=0),
+        ValueError,
+        r"lsuv_module: max_iters",
+    ),
+    Bad(
+        "lsuv_module: a NaN in the batch",
+        lambda: _lsuv_on(lsuv.ConvLayer(1, 2), torch.full((4, 1, 8, 8), float("nan"))),
+        RuntimeError,
+        r"lsuv_module: the output of ConvLayer model\.0 has mean nan",
+    ),
+]
+UNTOUCHED += [
+    Untouched("normalize_to", cnn.normalize_to, lambda: (t(6, 4), t(3, 4))),
+    Untouched("GeneralRelu(leak, sub, maxv)", cnn.GeneralRelu(0.1, 0.4, 6.0), lambda: (t(3, 5) * 8,)),
+    Untouched("GeneralRelu(sub)", cnn.GeneralRelu(sub=0.4), lambda: (t(3, 5),)),
+    Untouched("BatchNorm in training", norm.BatchNorm(3), lambda: (t(4, 3, 2, 2),)),
+    Untouched("LayerNorm", norm.LayerNorm(), lambda: (t(4, 3, 2, 2),)),
+    Untouched("InstanceNorm", norm.InstanceNorm(3), lambda: (t(4, 3, 2, 2),)),
+    Untouched("RunningBatchNorm in training", norm.RunningBatchNorm(3), lambda: (t(4, 3, 2, 2),)),
+    Untouched(
+        "append_stats",
+        lambda x: hooks.append_stats(hooks.Hook(torch.nn.ReLU(), print), torch.nn.ReLU(), None, x),
+        lambda: (t(9),),
     ),
 ]
 

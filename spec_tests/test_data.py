@@ -37,11 +37,12 @@ import pytest
 import torch
 import trustme
 
+import minilib._mnist_safety as safety
 import minilib.mnist as mnist
+from minilib._mnist_safety import RemoteFile
 from minilib.mnist import (
     MNIST_FILES,
     ChecksumError,
-    RemoteFile,
     RestrictedUnpickler,
     data_dir,
     get_data,
@@ -552,13 +553,13 @@ def test_a_download_cut_off_midway_leaves_no_file(serve, published, tmp_path):
 def test_an_interrupted_download_leaves_no_file(serve, published, tmp_path, monkeypatch):
     """Ctrl-C in the middle of a download: the interrupt goes through, and the partial file does not stay."""
 
-    class InterruptedAfter100kB(mnist._Capped):
+    class InterruptedAfter100kB(safety._Capped):
         def write(self, chunk):
             if self.written >= 100_000:
                 raise KeyboardInterrupt
             super().write(chunk)
 
-    monkeypatch.setattr(mnist, "_Capped", InterruptedAfter100kB)
+    monkeypatch.setattr(safety, "_Capped", InterruptedAfter100kB)
     serve(lambda h, path: _send(h, published[_name(path)]))
     with pytest.raises(KeyboardInterrupt):
         get_data(tmp_path, sample=True)
@@ -567,6 +568,7 @@ def test_an_interrupted_download_leaves_no_file(serve, published, tmp_path, monk
 
 _KILLED_DOWNLOAD = """
 import sys
+import minilib._mnist_safety as safety
 import minilib.mnist as mnist
 mnist.MIRRORS = (sys.argv[1],)
 mnist.get_data(sys.argv[2], sample=True)
@@ -595,7 +597,7 @@ def test_a_killed_download_leaves_nothing_that_is_taken_for_data(serve, tls, pub
     env = dict(os.environ, REQUESTS_CA_BUNDLE=str(tls[0]), NO_PROXY="127.0.0.1")
     cmd = [sys.executable, "-c", _KILLED_DOWNLOAD, mnist.MIRRORS[0], str(tmp_path)]
     child = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    staging = tmp_path / mnist.STAGING
+    staging = tmp_path / safety.STAGING
     try:
         deadline = time.monotonic() + 2 * BOUND_S  # the child imports torch first
         while not (staging.exists() and any(p.stat().st_size >= 100_000 for p in staging.iterdir())):
@@ -607,7 +609,7 @@ def test_a_killed_download_leaves_nothing_that_is_taken_for_data(serve, tls, pub
         child.kill()
         killed.set()
     leftover = _files(staging)
-    assert _files(tmp_path) == [mnist.STAGING] and len(leftover) == 1
+    assert _files(tmp_path) == [safety.STAGING] and len(leftover) == 1
     assert leftover[0] not in MNIST_FILES
 
     test_eq(get_data(tmp_path, sample=True)[1][:3], torch.tensor([7, 2, 1]))
@@ -630,7 +632,7 @@ def test_a_download_another_process_finished_first_is_not_an_error(serve, publis
         real_replace(src, dst)  # the other process's copy lands...
         raise FileNotFoundError(2, "No such file or directory", str(src))  # ...and ours is gone
 
-    monkeypatch.setattr(mnist.os, "replace", the_other_was_faster)
+    monkeypatch.setattr(safety.os, "replace", the_other_was_faster)
     serve(lambda h, path: _send(h, published[_name(path)]))
     test_eq(get_data(tmp_path, sample=True)[1][:3], torch.tensor([7, 2, 1]))
     assert _files(tmp_path) == sorted(SAMPLE_FILES)
@@ -665,7 +667,10 @@ def test_a_download_is_never_read_past_its_published_size(serve, published, tmp_
 
     serve(endless, mirrors=("a", "b"))
     with pytest.raises(FileNotFoundError, match="the server sent more than the 4542 bytes published"):
-        _within(BOUND_S, lambda: mnist._download(MNIST_FILES["t10k-labels-idx1-ubyte.gz"], tmp_path))
+        _within(
+            BOUND_S,
+            lambda: safety.download(MNIST_FILES["t10k-labels-idx1-ubyte.gz"], tmp_path, mnist.MIRRORS),
+        )
     deadline = time.monotonic() + BOUND_S
     while len(hung_up) < 2 and time.monotonic() < deadline:  # the server threads notice the hang-up
         time.sleep(0.01)

@@ -259,6 +259,28 @@ def test_keywords_match_f_cross_entropy_on_every_cpu_path(
     assert_matches_reference(x, y, fn=cpu_path(path), grad_out=grad_out, **options)
 
 
+FLOAT64_PATHS = ["public", "chunked torch, one sweep", "chunked torch, two sweeps"]
+
+
+@pytest.mark.parametrize("path", FLOAT64_PATHS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_float64_is_float64_accurate_for_every_reduction(path, reduction):
+    """float64 logits get float64 values and gradients, not float32 ones in float64 clothes: against
+    F.cross_entropy in float64 within rtol 1e-12, with padding and label smoothing, under a grad_out that
+    is not 1. (The mean's 1/n gradient scale was built in float32: at N = 7 every gradient was off by a
+    relative 4.5e-8, while 'sum' was exact.)"""
+    fn = fused_cross_entropy if path == "public" else cpu_path(path)
+    x, y = logits_and_target(7, 50, scale=3.0, dtype=torch.float64)
+    y[2] = -100
+    options = dict(reduction=reduction, label_smoothing=0.1)
+    grad_out = torch.rand(7, dtype=torch.float64) + 0.5 if reduction == "none" else 1.3
+    loss, grad = fused_with_grad(x, y, fn, grad_out, **options)
+    ref_loss, ref_grad = reference(x, y, grad_out, **options)
+    assert loss.dtype == grad.dtype == torch.float64
+    test_close(loss, ref_loss, rtol=1e-12, atol=1e-15)
+    test_close(grad, ref_grad, rtol=1e-12, atol=1e-15)
+
+
 def test_padding_rows_contribute_nothing_and_the_mean_is_over_the_rest():
     """Targets equal to ignore_index (-100, PyTorch's padding default) add nothing to the loss or the
     gradient: their 'none' losses and their gradient rows are exactly 0, and 'mean' divides by the
@@ -309,9 +331,9 @@ def test_the_gradient_is_written_in_the_forward_sweep():
 
 def test_the_gradient_memory_is_reused_only_once_nobody_holds_it():
     """A fresh N x V gradient costs a page fault per page on its first write, which on this machine took
-    longer than computing it. So the C++ path keeps the gradient's buffer and writes the next step's
-    gradient into it, but only once the caller has let go of the last one (x.grad = None, as
-    zero_grad() does): a gradient still held, or a view of it, is never overwritten."""
+    longer than computing it. So the C++ path keeps the gradient's memory and writes the next step's
+    gradient into it, but only once PyTorch has freed the last one (x.grad = None, as zero_grad() does):
+    a gradient still held, or a view of it, is never overwritten."""
     if cpu_ce.load_extension() is None:
         pytest.skip(f"the C++ kernel could not be built here: {kernels.cpu_backend()}")
     x, y = logits_and_target(8, 300)
@@ -332,6 +354,84 @@ def test_the_gradient_memory_is_reused_only_once_nobody_holds_it():
     del held, view
     assert step().data_ptr() == ptr, "the released buffer was not reused"
     test_near(x.grad.double(), reference(x, y)[1])
+
+
+KEEPERS = {
+    "the tensor": lambda g: g,
+    "a view": lambda g: g[2:4],
+    "its storage": lambda g: g.untyped_storage(),
+    "a numpy array on its memory": lambda g: g.numpy(),
+}
+
+
+def _bytes_of(kept):
+    """The memory behind what the caller kept, as bytes."""
+    if isinstance(kept, torch.UntypedStorage):
+        return bytes(kept)
+    return (kept.numpy() if isinstance(kept, torch.Tensor) else kept).tobytes()
+
+
+@pytest.mark.parametrize("keep", list(KEEPERS))
+def test_a_gradient_is_never_written_again_whatever_the_caller_keeps(keep):
+    """The caller may keep any handle on a gradient and drop the rest (``g = x.grad.untyped_storage()``
+    then ``x.grad = None``): the next steps must not write into that memory, as F.cross_entropy's never
+    do. (The reuse once decided from a private use count of the storage, which a kept storage fooled:
+    step 1's gradient silently became step 2's.) The buffer goes back to the pool only when PyTorch frees
+    the memory, whatever held it."""
+    x, y = logits_and_target(8, 300)
+    x.requires_grad_()
+    fused_cross_entropy(x, y).backward()
+    kept = KEEPERS[keep](x.grad)
+    before = _bytes_of(kept)
+    x.grad = None  # all the caller still has is `kept`
+    for scale in (2.0, 3.0):  # later steps, with other logits of the same shape
+        x2 = (x.detach() * scale).requires_grad_()
+        fused_cross_entropy(x2, y).backward()
+        del x2
+    overwritten = _bytes_of(kept) != before
+    assert not overwritten, f"a gradient kept as {keep} was overwritten by a later step"
+
+
+def _hold_a_gradient(inbox, outbox):
+    """In another process: receive a gradient, say so, and once the sender's later steps are done send
+    back what it holds then."""
+    grad = inbox.get(timeout=60)
+    outbox.put("received")
+    inbox.get(timeout=60)
+    outbox.put(grad.tolist())
+
+
+def test_a_gradient_sent_to_another_process_is_never_written_again():
+    """torch.multiprocessing moves a tensor it sends into shared memory; the sender may then drop its
+    own reference, so that only the receiving process holds the gradient. The sender's next steps must
+    not write into it (they did, when the reuse read the storage's use count: the storage had become
+    the shared one and counted only the pool's reference). The child is forked (spawning would import
+    this module again) and killed if it has not finished within its bound."""
+    mp = torch.multiprocessing.get_context("fork")
+    inbox, outbox = mp.Queue(), mp.Queue()
+    child = mp.Process(target=_hold_a_gradient, args=(inbox, outbox), daemon=True)
+    child.start()
+    try:
+        x, y = logits_and_target(8, 300)
+        x.requires_grad_()
+        fused_cross_entropy(x, y).backward()
+        sent = x.grad.tolist()
+        inbox.put(x.grad)
+        assert outbox.get(timeout=60) == "received"
+        x.grad = None  # the sender lets go: only the other process holds the gradient now
+        for scale in (2.0, 3.0):
+            x2 = (x.detach() * scale).requires_grad_()
+            fused_cross_entropy(x2, y).backward()
+            del x2
+        inbox.put("your turn")
+        held = outbox.get(timeout=60)
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+            child.join()
+    overwritten = held != sent
+    assert not overwritten, "a gradient held by another process was overwritten by the sender's next step"
 
 
 def test_a_retained_graph_gives_the_same_gradient_twice():
@@ -511,6 +611,48 @@ def test_fused_linear_in_float32_is_within_the_lessons_tolerance(reduction):
         assert a.dtype == torch.float32
         scale = max(1.0, r.abs().max().item())
         test_near(a.double() / scale, r / scale)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_linear_in_float64_is_float64_accurate(reduction):
+    """float64 in, float64 out: loss and the three gradients within rtol 1e-12 of F.linear_cross_entropy
+    in float64, for every reduction (the mean's gradient scale was float32, 4.5e-8 off)."""
+    x, w, b, y = linear_problem(7, 5, 30)
+    y[3] = -100
+    grad_out = torch.rand(7, dtype=torch.float64) + 0.5 if reduction == "none" else 1.3
+    options = dict(reduction=reduction, label_smoothing=0.1)
+    got = linear_with_grads(fused_linear_cross_entropy, x, w, b, y, grad_out, **options)
+    want = linear_with_grads(F.linear_cross_entropy, x, w, b, y, grad_out, **options)
+    for name, a, r in zip(["loss", "input grad", "weight grad", "bias grad"], got, want, strict=True):
+        assert a.dtype == torch.float64, name
+        scale = r.abs().max().item()
+        test_close(a / scale, r / scale, rtol=1e-12, atol=1e-15)
+
+
+SPARSE_LAYOUTS = {
+    "COO input": lambda x, w: (x.to_sparse(), w),
+    "CSR input": lambda x, w: (x.to_sparse_csr(), w),
+    "COO weight": lambda x, w: (x, w.to_sparse()),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("layout", list(SPARSE_LAYOUTS))
+def test_a_sparse_input_is_computed_as_pytorch_does(layout):
+    """F.linear_cross_entropy takes a sparse input (bag-of-words features, say) or weight, and gives a
+    dense gradient for it. So does the fused version: it makes the sparse operand dense (N x H or V x H,
+    the size a dense argument has anyway, far below the logits) and hands back PyTorch's dense gradient,
+    where it used to fail inside torch with an error naming no argument. (PyTorch's own takes a sparse
+    weight only without a bias.)"""
+    x, w, b, y = linear_problem(9, 6, 20, bias=layout != "COO weight")
+    x[x.abs() < 0.8] = 0  # mostly zeros, as sparse features are
+    xs, ws = SPARSE_LAYOUTS[layout](x, w)
+    got = linear_with_grads(fused_linear_cross_entropy, xs, ws, b, y)
+    want = linear_with_grads(F.linear_cross_entropy, xs, ws, b, y)
+    names = ["loss", "input grad", "weight grad", "bias grad"][: len(want)]
+    for name, a, r in zip(names, got, want, strict=True):
+        assert a.layout == r.layout == torch.strided, (name, a.layout, r.layout)
+        test_close(a, r, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("n", [1, 10, 17])

@@ -19,8 +19,9 @@
 // - rows shared among torch's intra-op threads (torch.set_num_threads applies here exactly as it
 //   does to F.cross_entropy), handed out in small batches as threads come free, so a thread that
 //   the OS pauses (a busy machine) does not hold up the rest;
-// - the gradient is written once, into memory that asked for huge pages (or a reused buffer), or
-//   over the logits themselves (the fused linear cross-entropy's chunk buffer).
+// - the gradient is written once, into memory that asked for huge pages and is kept for the next step
+//   once PyTorch frees it (pooled_empty), or over the logits themselves (the fused linear
+//   cross-entropy's chunk buffer).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -28,8 +29,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
+#include <new>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -416,11 +420,91 @@ std::vector<torch::Tensor> forward(torch::Tensor logits, torch::Tensor target, i
   return {row_max, row_logsum, row_loss};
 }
 
-// A new float32 [N, V] tensor whose memory asked for huge pages (see advise_huge_pages).
-torch::Tensor empty_huge_pages(int64_t N, int64_t V) {
-  auto t = torch::empty({N, V}, torch::kFloat32);
-  advise_huge_pages(t.data_ptr(), static_cast<size_t>(t.numel()) * sizeof(float));
-  return t;
+namespace {
+
+// The gradient's memory, kept for the next call. A fresh 1 GiB buffer costs a page fault per page on its
+// first write, more than computing the gradient; so, as PyTorch's CUDA caching allocator does, a block
+// whose tensor is freed is kept and handed to the next call that asks for that many bytes.
+//
+// Why this is safe whatever the caller keeps (the tensor, a view, its storage, a numpy array, a copy sent
+// to another process): a block goes back to the pool only from its tensor's deleter, and PyTorch runs that
+// deleter only when no storage holds the memory any more, that is, when nothing can read it. (Sending a
+// tensor to another process moves its storage into shared memory: the old memory's deleter runs then, and
+// the shared memory is never ours.) Nothing here counts references.
+struct GradientPool {
+  std::mutex mutex;
+  void* block = nullptr;  // at most one free block, of `bytes` bytes
+  size_t bytes = 0;
+};
+
+// Never destroyed: a deleter may run during interpreter shutdown, after this library's statics are gone.
+GradientPool& gradient_pool() {
+  static GradientPool* pool = new GradientPool();
+  return *pool;
+}
+
+constexpr size_t kHugePage = size_t{2} << 20;
+
+void* new_block(size_t bytes) {
+  void* p = nullptr;
+  // A large block is 2 MiB aligned and rounded, so that the huge-page hint covers all of it.
+  const bool huge = bytes >= 2 * kHugePage;
+  const size_t align = huge ? kHugePage : 64;
+  const size_t rounded = (std::max<size_t>(bytes, 1) + align - 1) / align * align;
+  if (posix_memalign(&p, align, rounded) != 0) throw std::bad_alloc();
+  if (huge) advise_huge_pages(p, rounded);
+  return p;
+}
+
+// The tensor's deleter: the block becomes the pool's free block (the newest is the likeliest to be asked
+// for again; an older free block is freed).
+void return_block(void* p, size_t bytes) {
+  void* old = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(gradient_pool().mutex);
+    old = gradient_pool().block;
+    gradient_pool().block = p;
+    gradient_pool().bytes = bytes;
+  }
+  std::free(old);
+}
+
+}  // namespace
+
+// A float32 [N, V] tensor on memory that nothing else refers to: the pool's free block if it has the right
+// size, else a new one (a free block of another size is freed: the pool holds at most one). Its memory
+// returns to the pool when PyTorch frees it.
+torch::Tensor pooled_empty(int64_t N, int64_t V) {
+  TORCH_CHECK(N >= 0 && V >= 0, "pooled_empty: sizes must be >= 0");
+  const size_t bytes = static_cast<size_t>(N) * static_cast<size_t>(V) * sizeof(float);
+  void* p = nullptr;
+  void* stale = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(gradient_pool().mutex);
+    GradientPool& pool = gradient_pool();
+    if (pool.block != nullptr && pool.bytes == bytes) {
+      p = pool.block;
+    } else {
+      stale = pool.block;
+    }
+    pool.block = nullptr;
+  }
+  std::free(stale);
+  if (p == nullptr) p = new_block(bytes);
+  return torch::from_blob(
+      p, {N, V}, [bytes](void* q) { return_block(q, bytes); }, torch::TensorOptions().dtype(torch::kFloat32));
+}
+
+// Frees the pool's free block (memory a long-lived process wants back after training).
+void release_pool() {
+  void* old = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(gradient_pool().mutex);
+    old = gradient_pool().block;
+    gradient_pool().block = nullptr;
+    gradient_pool().bytes = 0;
+  }
+  std::free(old);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -431,5 +515,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("target"), py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("grad_mode"),
         py::arg("scale"), py::arg("row_scale") = py::none(), py::arg("out") = py::none(),
         py::call_guard<py::gil_scoped_release>());
-  m.def("empty_huge_pages", &empty_huge_pages, "a new float32 [N, V] tensor advised to use huge pages");
+  m.def("pooled_empty", &pooled_empty, "a float32 [N, V] tensor whose memory returns to a pool when freed");
+  m.def("release_pool", &release_pool, "frees the pool's free block");
 }
