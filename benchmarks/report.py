@@ -638,7 +638,8 @@ class Chart:
 
     - ``kind="lines"``: ``y(run)`` against the run's ``x`` value, sorted by x, drawn with ``style(run)``;
     - ``kind="bars"``: one bar per series in each category (the run's ``x`` value; ``categories`` in that
-      order, then the rest), after the series that ``reference(reference.json)`` gives.
+      order, then the rest; only those with a run), after the series that ``reference(reference.json)``
+      gives. Series come in ``order`` of their first key's value, then sorted.
     - ``hlines(limits)``: dashed horizontal lines (value, label) from the JSON's measured limits.
     """
 
@@ -654,6 +655,7 @@ class Chart:
     xlabel: str = ""
     panels: tuple[str, ...] = ()
     categories: tuple[Any, ...] = ()
+    order: tuple[Any, ...] = ()
     reference: Callable[[dict[str, Any]], list[tuple[str, dict[Any, float]]]] | None = None
     style: Callable[[Run], str] = lambda r: "o-"
     hlines: Callable[[dict[str, Any]], list[tuple[float, str]]] | None = None
@@ -672,7 +674,9 @@ def draw_chart(chart: Chart, data: dict[str, Any], reference: dict[str, Any], ou
     limits = data.get("minilib", {}).get("limits", {})
     for ax, panel in zip(axes, panels, strict=True):
         mine = [r for r in runs if panel is None or r["case"] == panel]
-        series = sorted(_by(mine, *chart.series).items())
+        series = sorted(
+            _by(mine, *chart.series).items(), key=lambda kv: (_rank(chart.order, kv[0][0]), kv[0])
+        )
         if chart.kind == "bars":
             _bars(ax, chart, series, reference)
         else:
@@ -707,12 +711,19 @@ def _bars(ax: Any, chart: Chart, series: list[tuple[tuple, list[Run]]], referenc
     bars = list(chart.reference(reference)) if chart.reference else []
     bars += [(chart.label(members[0]), {r[chart.x]: chart.y(r) for r in members}) for _, members in series]
     present = {c for _, values in bars for c in values}
-    categories = [c for c in chart.categories] + sorted(present - set(chart.categories), key=str)
+    categories = [c for c in chart.categories if c in present] + sorted(
+        present - set(chart.categories), key=str
+    )
     width = 0.8 / len(bars)
     for i, (label, values) in enumerate(bars):
         xs = [j + (i - (len(bars) - 1) / 2) * width for j, c in enumerate(categories) if c in values]
         ax.bar(xs, [values[c] for c in categories if c in values], width=width, label=label)
     ax.set_xticks(range(len(categories)), [str(c) for c in categories])
+
+
+def _rank(order: tuple[Any, ...], value: Any) -> int:
+    """Where `value` comes in `order` (after all of it when it is not there)."""
+    return order.index(value) if value in order else len(order)
 
 
 def _peaks(limits: dict[str, Any]) -> list[tuple[float, str]]:
@@ -775,6 +786,7 @@ CHARTS: tuple[Chart, ...] = (
         x="layer",
         y=lambda r: r["floor_s"] / r.time if r["floor_s"] else 0.0,
         series=("kernel", "device", "dtype"),
+        order=BATCH_NORM_ORDER,
         label=lambda r: f"{r['kernel']} ({r['device']} {r['dtype']})",
         categories=("conv1", "conv2", "conv3", "conv4", "conv5"),
         hlines=lambda limits: [(1.0, "the floor")],
@@ -790,6 +802,7 @@ CHARTS: tuple[Chart, ...] = (
         x="layer",
         y=lambda r: r["gflops"],
         series=("kernel", "device", "dtype"),
+        order=CONV_ORDER,
         label=lambda r: f"{r['kernel']} ({r['device']} {r['dtype']})",
         hlines=_peaks,
         ylabel="GFLOP/s (log scale)",
