@@ -13,8 +13,7 @@ The ladder (in this order in the report):
 
 - ``lesson BatchNorm``: nb_07's module: ``x.mean``/``x.var`` over (0, 2, 3) under ``no_grad``, the running
   buffers moved by ``lerp_``, then ``(x - m) / (v + eps).sqrt() * mults + adds``: five passes over the
-  activation forward, each a tensor as large. ``minilib.norm.BatchNorm`` where this checkout has it, else
-  the notebook's code copied below (`LessonBatchNorm`);
+  activation forward, each a tensor as large (``minilib.norm.BatchNorm``);
 - ``F.batch_norm``: PyTorch's native kernel;
 - ``fused_batch_norm``: ``minilib.kernels.fused_batch_norm`` (its C++ kernel on the CPU in float32: one
   sweep per channel for the statistics, one for the output, the channel still in cache).
@@ -38,42 +37,11 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks import harness
 from minilib.kernels import fused_batch_norm
-
-try:  # lesson 10's module, where this checkout has minilib.norm
-    from minilib.norm import BatchNorm as LessonBatchNorm
-
-    LESSON_IMPLEMENTATION = "minilib.norm.BatchNorm"
-except ImportError:
-    LESSON_IMPLEMENTATION = "nb_07's BatchNorm, copied in benchmarks/bench_batch_norm.py"
-
-    class LessonBatchNorm(nn.Module):  # type: ignore[no-redef]
-        """nb_07's BatchNorm as the notebook writes it (minilib.norm.BatchNorm, where present, is this)."""
-
-        def __init__(self, nf: int, mom: float = 0.1, eps: float = 1e-5) -> None:
-            super().__init__()
-            self.mom, self.eps = mom, eps
-            self.mults = nn.Parameter(torch.ones(nf, 1, 1))
-            self.adds = nn.Parameter(torch.zeros(nf, 1, 1))
-            self.register_buffer("vars", torch.ones(1, nf, 1, 1))
-            self.register_buffer("means", torch.zeros(1, nf, 1, 1))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if self.training:
-                with torch.no_grad():
-                    m = x.mean((0, 2, 3), keepdim=True)
-                    v = x.var((0, 2, 3), keepdim=True)
-                    self.means.lerp_(m, self.mom)
-                    self.vars.lerp_(v, self.mom)
-            else:
-                m, v = self.means, self.vars
-            x = (x - m) / (v + self.eps).sqrt()
-            return x * self.mults + self.adds
-
+from minilib.norm import BatchNorm as LessonBatchNorm
 
 EPS, MOMENTUM = 1e-5, 0.1
 LAYERS = {
@@ -246,7 +214,7 @@ def test_batch_norm(
         shape=str(p.shape),
         numel=numel,
         input_bytes=numel * 4,
-        implementation=LESSON_IMPLEMENTATION if kernel == "lesson BatchNorm" else kernel,
+        implementation="minilib.norm.BatchNorm" if kernel == "lesson BatchNorm" else kernel,
         checked_against="float64 F.batch_norm "
         + (
             "in eval mode with the batch's statistics" if kernel == "lesson BatchNorm" else "in training mode"

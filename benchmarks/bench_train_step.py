@@ -1,11 +1,11 @@
 """Lesson 10 (07_batchnorm), timed: one training step of the lesson's CNN, and how much of it is BatchNorm.
 
-The CNN is lesson 07's ``get_cnn_model(data, [8,16,32,64,64], conv_layer)``: five layers of Conv2d (no bias;
-k=5 then 3, stride 2), ReLU and BatchNorm2d, then AdaptiveAvgPool2d(1), flatten and Linear(64, 10), on
-28x28 images at bs 512 (``minilib.cnn`` builds it where this checkout has it; else the same layers are built
-here). One step is what the Runner does per batch: forward, ``F.cross_entropy``, backward, an SGD step. It is
-timed twice, with ``nn.BatchNorm2d`` and with ``minilib.kernels.FusedBatchNorm2d`` in its place (the same
-weights and buffers, loaded from the first), so the difference is what fusing the norm saved.
+The CNN is lesson 07's ``get_cnn_model(data, [8,16,32,64,64], conv_layer)`` from ``minilib.cnn``: five
+layers of Conv2d (no bias; k=5 then 3, stride 2), GeneralRelu() (a ReLU) and BatchNorm2d, then
+AdaptiveAvgPool2d(1), flatten and Linear(64, 10), on 28x28 images at bs 512. One step is what the Runner does
+per batch: forward, ``F.cross_entropy``, backward, an SGD step. It is timed twice, with ``nn.BatchNorm2d`` and
+with ``minilib.kernels.FusedBatchNorm2d`` in its place (the same weights and buffers, loaded from the first),
+so the difference is what fusing the norm saved.
 
 How much of the step is the norm: each norm layer's input and output gradient are captured during one step
 (hooks), and the norm layers alone are timed on them, forward+backward, best of a few rounds, in the same
@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks import harness
+from minilib.cnn import conv_layer, get_cnn_model
 from minilib.kernels import FusedBatchNorm2d
 
 NFS = (8, 16, 32, 64, 64)
@@ -35,22 +36,6 @@ BATCH = {"tiny": 8, "quick": 512, "full": 512}
 ROUNDS = {"tiny": 1, "quick": 10, "full": 25}
 NORMS = ("nn.BatchNorm2d", "FusedBatchNorm2d")
 LR = 0.1
-
-
-def lesson07_cnn(nfs: tuple[int, ...] = NFS, c: int = 10) -> tuple[nn.Module, str]:
-    """(lesson 07's CNN with nn.BatchNorm2d, where it was built). minilib.cnn's where present."""
-    try:
-        from minilib.cnn import conv_layer, get_cnn_model
-    except ImportError:
-        sizes = (1, *nfs)
-        layers: list[nn.Module] = []
-        for i in range(len(nfs)):
-            ks = 5 if i == 0 else 3
-            conv = nn.Conv2d(sizes[i], sizes[i + 1], ks, stride=2, padding=ks // 2, bias=False)
-            layers += [conv, nn.ReLU(), nn.BatchNorm2d(sizes[i + 1])]
-        model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(nfs[-1], c))
-        return model, "nb_07's layers, built in benchmarks/bench_train_step.py"
-    return get_cnn_model(SimpleNamespace(c=c), list(nfs), conv_layer), "minilib.cnn.get_cnn_model"
 
 
 def with_norm(model: nn.Module, norm: str) -> nn.Module:
@@ -75,7 +60,7 @@ def norm_layers(model: nn.Module) -> list[nn.Module]:
 def step_problem(pytestconfig: pytest.Config):
     bs = BATCH[harness.bench_set(pytestconfig)]
     torch.manual_seed(0)
-    model, built_by = lesson07_cnn()
+    model = get_cnn_model(SimpleNamespace(c=10), list(NFS), conv_layer)  # data: only its class count is read
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(bs, 1, 28, 28, generator=gen)  # normalised images
     y = torch.randint(0, 10, (bs,), generator=gen)
@@ -83,7 +68,7 @@ def step_problem(pytestconfig: pytest.Config):
     loss = F.cross_entropy(model64(x.double()), y)
     loss.backward()
     ref = {"loss": loss.detach()} | {n: p.grad.float() for n, p in model64.named_parameters()}
-    return SimpleNamespace(bs=bs, model=model.train(), built_by=built_by, x=x, y=y, ref=ref)
+    return SimpleNamespace(bs=bs, model=model.train(), x=x, y=y, ref=ref)
 
 
 def time_norm_layers_alone(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> float:
@@ -163,7 +148,7 @@ def test_training_step(benchmark: Any, pytestconfig, step_problem, norm: str) ->
         device="cpu",
         dtype="float32",
         bs=p.bs,
-        model=f"lesson 07's CNN, nfs={list(NFS)}, conv (no bias), ReLU, {norm} ({p.built_by})",
+        model=f"lesson 07's CNN (minilib.cnn.get_cnn_model), nfs={list(NFS)}, conv (no bias), ReLU, {norm}",
         norm_layers=len(norm_layers(model)),
         norm_layers_s=norm_s,
         norm_timing=f"each norm layer's forward+backward on its input and gradient, best of {repeats}",
