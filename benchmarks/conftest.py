@@ -6,7 +6,8 @@
   that needs them; ``cuda`` skips a GPU case with a reason when there is no CUDA device.
 - The hooks add the torch/GPU facts to pytest-benchmark's ``machine_info`` and put the limits (settled at the
   end of the run: the measured value, or the best a case reached where that is higher) and the skipped cases
-  into the JSON, so that the report is generated from the JSON alone.
+  into the JSON, so that the report is generated from the JSON alone; cases that share a ``floor_key`` get
+  the fastest floor measured for it (``harness.settle_floors``).
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks: Any, output_
     # Limits are settled against the whole run before anything reads them (see harness.settle_limits).
     cases = [(b["name"], b["extra_info"]) for b in output_json["benchmarks"] if "seconds" in b["extra_info"]]
     harness.settle_limits(config.stash[_LIMITS], cases)
+    harness.settle_floors([info for _, info in cases])
     output_json["minilib"] = {
         "bench_set": harness.bench_set(config),
         "limits": config.stash[_LIMITS],

@@ -125,7 +125,7 @@ def synchronised(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
 # Limits, measured at the start of a run (never assumed from a datasheet).
 
 
-def _best_of(fn: Callable[[], Any], device: str, repeats: int, min_seconds: float = 0.0) -> float:
+def best_of(fn: Callable[[], Any], device: str, repeats: int, min_seconds: float = 0.0) -> float:
     """Fastest of at least `repeats` calls, going on until `min_seconds` have passed.
 
     On a shared machine a limit measured in one busy moment comes out low (a 2-thread BLAS call waits
@@ -149,11 +149,11 @@ def measure_cpu_limits(set_name: str) -> dict[str, Any]:
     s = SIZES[set_name]
     n, seconds = s["limit_sgemm"], s["limit_seconds"]
     a, b = torch.rand(n, n), torch.rand(n, n)
-    t_mm = _best_of(lambda a=a, b=b: torch.mm(a, b), "cpu", 5, seconds)
+    t_mm = best_of(lambda a=a, b=b: torch.mm(a, b), "cpu", 5, seconds)
     del a, b
     numel = s["limit_stream_mib"] * 2**20 // 4
     x = torch.rand(numel)
-    t_sum = _best_of(lambda x=x: x.sum(), "cpu", 10, seconds)
+    t_sum = best_of(lambda x=x: x.sum(), "cpu", 10, seconds)
     del x
     return {
         "device": "cpu",
@@ -179,14 +179,14 @@ def measure_gpu_limits(set_name: str) -> dict[str, Any]:
         a = torch.rand(n, n, device=dev, dtype=DTYPES[label])
         b = torch.rand(n, n, device=dev, dtype=DTYPES[label])
         with allow_tf32(label == "tf32"):
-            t = _best_of(lambda a=a, b=b: torch.mm(a, b), dev, 5)
+            t = best_of(lambda a=a, b=b: torch.mm(a, b), dev, 5)
         peaks[label] = 2 * n**3 / t / 1e9
         del a, b
     methods["peak_gflops"] = f"torch.mm of two {n}x{n} matrices per dtype, best of 5 (synchronised)"
     numel = s["limit_stream_mib"] * 4 * 2**20 // 4  # 4x the CPU size: GPU caches are large
     x = torch.rand(numel, device=dev)
     y = torch.empty_like(x)
-    t_copy = _best_of(lambda x=x, y=y: y.copy_(x), dev, 10)
+    t_copy = best_of(lambda x=x, y=y: y.copy_(x), dev, 10)
     del x, y
     methods["bandwidth_gbps"] = (
         f"y.copy_(x) of {numel * 4 // 2**20} MiB float32, best of 10 (bytes read + written)"
@@ -396,6 +396,21 @@ def settle_limits(limits: dict[str, dict[str, Any]], cases: list[tuple[str, dict
         lim["source"] = source
         for _, info in mine:
             judge(info, lim["peak_gflops"].get(info["dtype"]), lim["bandwidth_gbps"])
+
+
+def settle_floors(cases: list[dict[str, Any]]) -> None:
+    """At the end of a run: every case that names a ``floor_key`` gets the fastest ``floor_s`` measured for
+    that key in the run (a floor timed in a busy moment is slow and flatters the case judged against it),
+    and its ``fraction_of_floor`` again. Cases without a ``floor_key`` keep their own floor."""
+    fastest: dict[str, float] = {}
+    for info in cases:
+        key = info.get("floor_key")
+        if key is not None and info.get("floor_s"):
+            fastest[key] = min(fastest.get(key, info["floor_s"]), info["floor_s"])
+    for info in cases:
+        if info.get("floor_key") in fastest:
+            info["floor_s"] = fastest[info["floor_key"]]
+            info["fraction_of_floor"] = info["floor_s"] / info["seconds"]
 
 
 def _larger(measured: float, best: tuple[float, str] | None) -> tuple[float, str]:

@@ -93,3 +93,16 @@ def test_a_limit_is_never_beaten_by_a_case_it_judges():
         assert fast["fraction_of_limit"] == pytest.approx(1.0) and slow["fraction_of_limit"] == pytest.approx(
             0.5
         )
+
+
+def test_cases_sharing_a_floor_are_judged_against_the_fastest_floor_of_the_run():
+    """A copy floor timed in a busy moment (12 ms for what later took 0.2 ms) made a 0.7 ms kernel read
+    1,700% of its floor. Settled at the end of the run, every case of that floor_key is judged against the
+    fastest floor measured for it; a case with no floor_key keeps its own."""
+    early = {"floor_key": "bn fwd conv1", "floor_s": 12e-3, "seconds": 0.7e-3, "fraction_of_floor": 12 / 0.7}
+    late = {"floor_key": "bn fwd conv1", "floor_s": 0.2e-3, "seconds": 0.8e-3, "fraction_of_floor": 0.25}
+    other = {"floor_s": 5e-3, "seconds": 10e-3, "fraction_of_floor": 0.5}
+    harness.settle_floors([early, late, other])
+    assert early["floor_s"] == late["floor_s"] == 0.2e-3
+    assert early["fraction_of_floor"] == pytest.approx(0.2 / 0.7)
+    assert other["floor_s"] == 5e-3 and other["fraction_of_floor"] == 0.5

@@ -209,3 +209,134 @@ def test_the_linear_cross_entropy_table_shows_the_fraction_of_the_three_matmul_f
         "40 MiB (0.08x logits)",
     ], md
     assert _row(md, "F.linear_cross_entropy")[3] == "50%"
+
+
+def _write_and_read(tmp_path, data: dict) -> tuple[str, list]:
+    (tmp_path / "bench.json").write_text(json.dumps(data))
+    written = report.write_report(tmp_path / "bench.json", tmp_path)
+    return (tmp_path / "bench-report.md").read_text(), written
+
+
+def test_the_batch_norm_table_shows_time_gbps_and_fraction_of_the_copy_floor_per_mode(tmp_path):
+    """bench_batch_norm's runs: one table per shape, one row per ladder step in the lesson's order, and for
+    forward and forward+backward the time (with how many floors), GB/s and the fraction of the floor; its
+    chart is drawn."""
+    data = _fake_json()
+    for kernel, t in (("F.batch_norm", 2e-3), ("lesson BatchNorm", 8e-3)):  # out of order on purpose
+        for mode, floor in (("fwd", 1e-3), ("fwd+bwd", 2.5e-3)):
+            data["benchmarks"].append(
+                _bench(
+                    f"test_batch_norm[conv1-{mode}-{kernel}]",
+                    t if mode == "fwd" else 2 * t,
+                    op="batch_norm",
+                    case=mode,
+                    kernel=kernel,
+                    layer="conv1",
+                    shape="(512, 8, 14, 14)",
+                    numel=802816,
+                    input_bytes=3211264,
+                    device="cpu",
+                    dtype="float32",
+                    gbps=3.2,
+                    floor_s=floor,
+                )
+            )
+    md, written = _write_and_read(tmp_path, data)
+    assert "### (512, 8, 14, 14) (conv1), cpu float32 (3.06 MiB)" in md, md
+    table_rows = [
+        line.split("|")[1].strip()
+        for line in md.splitlines()
+        if line.startswith("| lesson BatchNorm") or line.startswith("| F.batch_norm")
+    ]
+    assert table_rows == ["lesson BatchNorm", "F.batch_norm"], md  # the lesson's order, whatever the JSON's
+    assert _row(md, "F.batch_norm") == [
+        "F.batch_norm",
+        "2 ms (2x floor)",
+        "3.2",
+        "50%",
+        "4 ms (1.6x floor)",
+        "3.2",
+        "62.5%",
+    ], md
+    assert "| fused_batch_norm" not in md  # a step without runs has no row
+    assert "batch_norm_floor.png" in {p.name for p in written}
+
+
+def test_the_conv_table_gives_gflops_as_a_fraction_of_the_measured_matmul_peak(tmp_path):
+    """bench_conv's runs: per layer and kernel, GFLOP/s and the fraction of the (settled) matmul peak."""
+    data = _fake_json()
+    for kernel, t in (("F.conv2d", 1e-3), ("F.unfold + matmul", 4e-3)):
+        data["benchmarks"].append(
+            _bench(
+                f"test_conv2d[conv1-{kernel}]",
+                t,
+                op="conv2d",
+                case="fwd",
+                kernel=kernel,
+                layer="conv1: Conv(1,8,5,s2,p2)",
+                layer_index=0,
+                n=512,
+                input_shape="(512, 1, 28, 28)",
+                output_shape="(512, 8, 14, 14)",
+                device="cpu",
+                dtype="float32",
+                gflops=40.0 * 1e-3 / t,
+                limit_peak_gflops=80.0,
+            )
+        )
+    md, written = _write_and_read(tmp_path, data)
+    row = _row(md, "conv1: Conv(1,8,5,s2,p2)")  # the first row: unfold + matmul, as the lesson builds it
+    assert row == [
+        "conv1: Conv(1,8,5,s2,p2)",
+        "(512, 1, 28, 28) -> (512, 8, 14, 14)",
+        "F.unfold + matmul",
+        "4 ms",
+        "10",
+        "12.5%",
+    ], md
+    assert "conv_as_matmul.png" in {p.name for p in written}
+
+
+def test_the_training_step_table_shows_the_norms_share_and_what_fusing_saved(tmp_path):
+    """bench_train_step's runs: the step, its norm layers alone, their share, and the time the fused norm
+    saved against nn.BatchNorm2d (the step's and the norm layers')."""
+    data = _fake_json()
+    for kernel, t, norm_s in (("FusedBatchNorm2d", 0.075, 0.005), ("nn.BatchNorm2d", 0.1, 0.025)):
+        data["benchmarks"].append(
+            _bench(
+                f"test_training_step[{kernel}]",
+                t,
+                op="train_step",
+                case="fwd+bwd+sgd",
+                kernel=kernel,
+                device="cpu",
+                dtype="float32",
+                bs=512,
+                norm_layers_s=norm_s,
+            )
+        )
+    md, _ = _write_and_read(tmp_path, data)
+    assert "### bs 512, cpu float32" in md, md
+    assert _row(md, "nn.BatchNorm2d") == ["nn.BatchNorm2d", "100 ms", "25 ms", "25%", "-", "-"], md
+    assert _row(md, "FusedBatchNorm2d") == [
+        "FusedBatchNorm2d",
+        "75 ms",
+        "5 ms",
+        "6.67%",
+        "25 ms (25%)",
+        "20 ms (80%)",
+    ], md
+
+
+def test_the_checkpoint_section_appears_only_with_checkpoint_runs(tmp_path):
+    """The checkpoint-cost entry is keyed on the benchmark group `checkpoint`: no such run, no section;
+    with one, its model, size, time per save and rate."""
+    md, _ = _write_and_read(tmp_path, _fake_json())
+    assert "checkpoint" not in md.lower(), md
+    data = _fake_json()
+    run = _bench("test_checkpoint_save[cnn]", 0.05, model="lesson 07 CNN", bytes=2**20, seconds_per_save=0.01)
+    run["group"] = "checkpoint"
+    data["benchmarks"].append(run)
+    md, _ = _write_and_read(tmp_path, data)
+    assert "## Saving a checkpoint: what it costs" in md
+    assert _row(md, "lesson 07 CNN") == ["lesson 07 CNN", "1 MiB", "10 ms", "105"], md
