@@ -301,11 +301,11 @@ class Runner:
     def data(self):
         return self.learn.data
 
-    # --- The three loop levels, each one block inside _level ---------------------------------------
+    # --- The three loop levels, each one block inside _with_events ---------------------------------------
 
     def one_batch(self, xb, yb) -> None:
         self.xb, self.yb = xb, yb
-        with self._level(CancelBatchException, end=self._end_batch):
+        with self._with_events(CancelBatchException, end=self._end_batch):
             self("begin_batch")
             self.pred = self.model(self.xb)
             self("after_pred")
@@ -326,7 +326,7 @@ class Runner:
     def all_batches(self, dl, begin: str = "begin_epoch") -> None:
         """One pass over ``dl``, opened by ``begin`` (begin_epoch or begin_validate: True from it skips)."""
         self.dl, self.iters, self.iter = dl, len(dl), 0
-        with self._level(CancelEpochException):
+        with self._with_events(CancelEpochException):
             if self(begin):
                 return
             for i, (xb, yb) in enumerate(self.dl, start=self.iter):  # run.dl and run.iter as begin left them
@@ -348,7 +348,7 @@ class Runner:
         for cb in self.cbs:
             cb.set_runner(self)
         try:
-            with self._level(CancelTrainException, end=lambda: self("after_fit")):
+            with self._with_events(CancelTrainException, end=lambda: self("after_fit")):
                 self("begin_fit")
                 for epoch in range(self.start_epoch, epochs):
                     self.epoch = epoch
@@ -361,7 +361,7 @@ class Runner:
         # Unlike the lesson, keep run.learn after the fit: run.model and run.opt stay readable.
 
     @contextmanager
-    def _level(self, cancel: type[Exception], end=_none):
+    def _with_events(self, cancel: type[Exception], end=_none):
         """One loop level: the body of the ``with``, then ``end()`` whatever happened in it (the lesson's
         ``finally``: after_batch and after_fit always run).
 

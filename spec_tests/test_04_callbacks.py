@@ -414,6 +414,48 @@ def test_fit_called_from_a_callback_is_refused_and_the_outer_fit_goes_on_trainin
     assert run.count_steps.steps == 4, f"{run.count_steps.steps} steps, expected 2 epochs x 2 batches"
 
 
+def test_a_callback_can_resume_a_fit_from_an_epoch_and_a_batch():
+    """What a checkpoint needs from the Runner: ``run.start_epoch`` raised in begin_fit skips whole
+    epochs; ``run.dl`` replaced at begin_epoch by the remaining batches, with ``run.iter`` set to the
+    number skipped, skips batches; ``n_epochs`` and ``n_iter`` then continue as if nothing was skipped
+    (``iters`` stays the whole pass). Here: 3 epochs of 4 batches, resumed at epoch 1, batch 3."""
+    seen = []
+
+    class Resume(Callback):
+        _order = 1  # after TrainEvalCallback has reset the counters
+
+        def begin_fit(self):
+            self.run.start_epoch, self.run.n_iter = 1, 7
+
+        def begin_epoch(self):
+            if self.epoch == 1:
+                self.run.dl, self.run.iter = list(self.dl)[3:], 3
+
+        def after_batch(self):
+            if self.in_train:
+                seen.append((self.epoch, self.iter, self.n_epochs, self.n_iter))
+
+    run = Runner([Resume()])
+    run.fit(3, tiny_learner(tiny_data(n_train=8, bs=2)))
+    expected = [(1, 3, 2.0, 8)] + [(2, k, 2 + (k + 1) / 4, 9 + k) for k in range(4)]
+    assert seen == expected, f"\ngot:      {seen}\nexpected: {expected}"
+
+
+def test_the_callbacks_state_survives_torch_save_and_a_weights_only_load(tmp_path):
+    """Recorder's lists and AvgStatsCallback's totals (a pass in progress included) come out of
+    ``state_dict()`` as plain numbers and lists, which ``torch.load(weights_only=True)`` reads back,
+    and ``load_state_dict`` restores them into fresh callbacks."""
+    stats, rec = AvgStatsCallback([accuracy], print_stats=False), Recorder()
+    Runner([stats, rec]).fit(1, tiny_learner())
+    torch.save({"stats": stats.state_dict(), "rec": rec.state_dict()}, tmp_path / "cbs.pt")
+    saved = torch.load(tmp_path / "cbs.pt", weights_only=True)
+    stats2, rec2 = AvgStatsCallback([accuracy]), Recorder()
+    stats2.load_state_dict(saved["stats"])
+    rec2.load_state_dict(saved["rec"])
+    assert stats2.valid_stats.avg_stats == stats.valid_stats.avg_stats and stats2.train_stats.count == 4
+    assert (rec2.lrs, rec2.losses) == (rec.lrs, rec.losses) and len(rec2.losses) == 2
+
+
 # --- AvgStats ------------------------------------------------------------------------------------
 
 
