@@ -1350,6 +1350,44 @@ UNTOUCHED += [
     ),
 ]
 
+# ------------------------------------------------------------------------ the Runner's callbacks as they join
+
+
+def _odd_order(order):
+    return type("OddCallback", (Callback,), {"_order": order})()
+
+
+BAD += [
+    Bad(
+        "Runner: a callback's _order 'late'",
+        lambda: Runner([_odd_order("late")]),
+        TypeError,
+        r"OddCallback\._order",
+        defect=True,
+    ),
+    Bad(
+        "Runner: a callback's _order None",
+        lambda: Runner([_odd_order(None)]),
+        TypeError,
+        r"OddCallback\._order",
+        defect=True,
+    ),
+    Bad(
+        "Runner: a callback's _order nan",
+        lambda: Runner([_odd_order(math.nan)]),
+        TypeError,
+        r"OddCallback\._order",
+        defect=True,
+    ),
+    Bad(
+        "Runner: two DDPCallbacks",
+        lambda: Runner([DDPCallback(), DDPCallback()]),
+        ValueError,
+        r"DDPCallback",
+        defect=True,
+    ),
+]
+
 # ------------------------------------------------------------------------ the claims over both tables
 
 
