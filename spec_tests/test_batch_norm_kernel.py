@@ -335,8 +335,8 @@ KEEPERS = {
 
 
 def _bytes_of(kept):
-    if isinstance(kept, torch.UntypedStorage):
-        return bytes(kept)
+    if isinstance(kept, torch.UntypedStorage):  # bytes(storage) would go byte by byte in Python
+        return torch.empty(0, dtype=torch.uint8).set_(kept).numpy().tobytes()
     return (kept.detach().numpy() if isinstance(kept, torch.Tensor) else kept).tobytes()
 
 
