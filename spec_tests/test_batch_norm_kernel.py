@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import another_process_holding
 from torch import nn
 
 from minilib import _cpu_batch_norm as cpu_bn
@@ -373,38 +374,19 @@ def test_an_output_is_never_written_again_whatever_the_caller_keeps(keep, output
     assert _bytes_of(kept) == before, f"an output ({output}) kept as {keep} was overwritten by a later call"
 
 
-def _hold_an_output(inbox, outbox):
-    """In another process: receive an output, say so, and later send back what it holds then."""
-    y = inbox.get(timeout=60)
-    outbox.put("received")
-    inbox.get(timeout=60)
-    outbox.put(y.sum(dtype=torch.float64).item())
-
-
 def test_an_output_sent_to_another_process_is_never_written_again():
     """torch.multiprocessing moves a tensor it sends into shared memory, and the sender may then drop its
     own reference: the sender's later calls must not write into what the other process holds. The child
     is forked and killed if it has not finished within its bound."""
     x, w, b = _pooled_problem()
-    mp = torch.multiprocessing.get_context("fork")
-    inbox, outbox = mp.Queue(), mp.Queue()
-    child = mp.Process(target=_hold_an_output, args=(inbox, outbox), daemon=True)
-    child.start()
-    try:
+    with another_process_holding() as holder:
         y = fused_batch_norm(x, None, None, w, b, training=True)
-        sent = y.sum(dtype=torch.float64).item()
-        inbox.put(y)
-        assert outbox.get(timeout=60) == "received"
+        sent = y.tolist()
+        holder.send(y)
         del y  # only the other process holds the output now
         for scale in (2.0, 3.0):
             fused_batch_norm(x * scale + 5.0, None, None, w, b, training=True)
-        inbox.put("your turn")
-        held = outbox.get(timeout=60)
-    finally:
-        child.join(timeout=10)
-        if child.is_alive():
-            child.kill()
-            child.join()
+        held = holder.held()
     assert held == sent, "an output held by another process was overwritten by the sender's next call"
 
 

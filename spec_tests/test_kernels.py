@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import another_process_holding
 
 from minilib import _cpu_cross_entropy as cpu_ce
 from minilib import kernels
@@ -392,44 +393,24 @@ def test_a_gradient_is_never_written_again_whatever_the_caller_keeps(keep):
     assert not overwritten, f"a gradient kept as {keep} was overwritten by a later step"
 
 
-def _hold_a_gradient(inbox, outbox):
-    """In another process: receive a gradient, say so, and once the sender's later steps are done send
-    back what it holds then."""
-    grad = inbox.get(timeout=60)
-    outbox.put("received")
-    inbox.get(timeout=60)
-    outbox.put(grad.tolist())
-
-
 def test_a_gradient_sent_to_another_process_is_never_written_again():
     """torch.multiprocessing moves a tensor it sends into shared memory; the sender may then drop its
     own reference, so that only the receiving process holds the gradient. The sender's next steps must
     not write into it (they did, when the reuse read the storage's use count: the storage had become
     the shared one and counted only the pool's reference). The child is forked (spawning would import
     this module again) and killed if it has not finished within its bound."""
-    mp = torch.multiprocessing.get_context("fork")
-    inbox, outbox = mp.Queue(), mp.Queue()
-    child = mp.Process(target=_hold_a_gradient, args=(inbox, outbox), daemon=True)
-    child.start()
-    try:
+    with another_process_holding() as holder:
         x, y = logits_and_target(8, 300)
         x.requires_grad_()
         fused_cross_entropy(x, y).backward()
         sent = x.grad.tolist()
-        inbox.put(x.grad)
-        assert outbox.get(timeout=60) == "received"
+        holder.send(x.grad)
         x.grad = None  # the sender lets go: only the other process holds the gradient now
         for scale in (2.0, 3.0):
             x2 = (x.detach() * scale).requires_grad_()
             fused_cross_entropy(x2, y).backward()
             del x2
-        inbox.put("your turn")
-        held = outbox.get(timeout=60)
-    finally:
-        child.join(timeout=10)
-        if child.is_alive():
-            child.kill()
-            child.join()
+        held = holder.held()
     overwritten = held != sent
     assert not overwritten, "a gradient held by another process was overwritten by the sender's next step"
 
