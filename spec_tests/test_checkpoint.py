@@ -238,8 +238,8 @@ def _try(scenario: dict, kill, path: Path, out: Path) -> None:
     torch.save(state, out)
 
 
-def _run_child(fn, *args) -> str:
-    """Run ``fn(*args)`` in a forked child; how it ended: "exit 0", "exit N", "SIGKILL", "SIGXFSZ"..."""
+def _fork(fn, *args) -> int:
+    """Start ``fn(*args)`` in a forked child; its pid. The child exits 0 if ``fn`` returned, else 1."""
     pid = os.fork()
     if pid == 0:  # the child: never return into the caller's code
         code = 1
@@ -252,19 +252,78 @@ def _run_child(fn, *args) -> str:
             traceback.print_exc()
         finally:
             os._exit(code)
+    return pid
+
+
+def _wait(pids: list[int]) -> list[str]:
+    """How each child ended ("exit 0", "exit 1", "SIGKILL", "SIGXFSZ", "timed out"), waiting at most
+    CHILD_TIMEOUT_S for them all; a child still running then is killed."""
+    ended: dict[int, str] = {}
     deadline = time.monotonic() + CHILD_TIMEOUT_S
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return "timed out"
+    while len(ended) < len(pids):
+        for pid in pids:
+            if pid in ended:
+                continue
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done and os.WIFSIGNALED(status):
+                ended[pid] = signal.Signals(os.WTERMSIG(status)).name
+            elif done:
+                ended[pid] = f"exit {os.WEXITSTATUS(status)}"
+            elif time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                ended[pid] = "timed out"
         time.sleep(0.005)
-    if os.WIFSIGNALED(status):
-        return signal.Signals(os.WTERMSIG(status)).name
-    return f"exit {os.WEXITSTATUS(status)}"
+    return [ended[pid] for pid in pids]
+
+
+def _run_child(fn, *args) -> str:
+    return _wait([_fork(fn, *args)])[0]
+
+
+# With DDPCallback: two ranks, each a forked child, in a gloo group of their own per try. Rank 1 is
+# killed mid-epoch; rank 0 then fails in the next all-reduce (its peer is gone) and exits with an error,
+# as torchrun would see it; the next try starts both again, and both resume from rank 0's file.
+# 37 samples (38 with the sampler's padding), 2 ranks at 8 each: 3 training batches per rank per epoch;
+# a save after every batch. Killed after batch 5 (the second of epoch 1), before its save.
+DDP_KILL = ("after_batch", 5, {})
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_try(rank: int, port: int, kill, path: Path, out: Path) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from minilib.distributed import DDPCallback
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=30)
+    )
+    try:
+        killer = Kill(kill[0], kill[1], **kill[2]) if kill and rank == 1 else Kill("after_fit", -1)
+        learn, run = fit(path, extra=[killer, DDPCallback()], every_batches=1)
+        torch.save(final_state(learn, run), out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_job(kill, path: Path, out: Path) -> list[str]:
+    port = _free_port()
+    return _wait([_fork(_ddp_try, rank, port, kill, path, out) for rank in range(2)])
+
+
+def _gloo_available() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_gloo_available()
 
 
 def _position(path: Path):
@@ -294,6 +353,17 @@ def worker(out: Path) -> None:
             temps = {p.name: p.stat().st_size for p in temp_files(path)}
             tries.append({"ended": ended, "temps": temps, "checkpoint": _position(path)})
         results[name] = {"tries": tries}
+    if _gloo_available():
+        (out / "ddp-reference").mkdir()
+        (out / "ddp").mkdir()
+        results["ddp reference"] = {
+            "tries": [{"ended": _ddp_job(None, out / "ddp-reference" / "ckpt.pt", out / "ddp-reference")}]
+        }
+        path = out / "ddp" / "ckpt.pt"
+        tries = []
+        for kill in (DDP_KILL, None):
+            tries.append({"ended": _ddp_job(kill, path, out / "ddp"), "checkpoint": _position(path)})
+        results["ddp"] = {"tries": tries}
     torch.save(results, out / ".results.pt")
     os.replace(out / ".results.pt", out / "results.pt")
 
@@ -319,7 +389,7 @@ def kills(tmp_path_factory) -> dict:
     results = torch.load(out / "results.pt", weights_only=True)
     finals = {name: out / re.sub(r"\W+", "_", name) / "final.pt" for name in SCENARIOS}
     references = {False: out / "reference.pt", True: out / "reference-own-generator.pt"}
-    return {"results": results, "finals": finals, "references": references, "log": log}
+    return {"results": results, "finals": finals, "references": references, "log": log, "out": out}
 
 
 def _final(kills: dict, name: str) -> dict:
@@ -459,6 +529,26 @@ def test_a_fit_killed_anywhere_and_resumed_ends_bit_for_bit_as_the_uninterrupted
     assert_same_state(state, torch.load(reference, weights_only=True))
     if name == "no kill":
         assert ran == {"train": EPOCHS * BATCHES_PER_EPOCH, "valid": EPOCHS * 2}, ran
+
+
+def test_with_ddp_rank_0_writes_and_every_rank_resumes_to_the_state_of_the_same_rank_uninterrupted(kills):
+    """Two ranks (gloo); rank 1 is SIGKILLed after the second batch of epoch 1, rank 0 then fails in the
+    next collective; both start again and resume from the file rank 0 wrote. Each rank ends with the
+    state of the same rank in an uninterrupted job, bit for bit: the parameters and buffers (the same on
+    both ranks), and also the Recorder's losses and AvgStatsCallback's totals, which are each rank's own
+    (each counts its share of the batches): the checkpoint keeps every rank's random and callback state."""
+    if "ddp" not in kills["results"]:
+        pytest.skip("this torch build has no gloo backend")
+    tries = kills["results"]["ddp"]["tries"]
+    assert [t["ended"] for t in tries] == [["exit 1", "SIGKILL"], ["exit 0", "exit 0"]], tries
+    assert tries[0]["checkpoint"]["n_iter"] == DDP_KILL[1] - 1, tries[0]
+    out = kills["out"]
+    got = [torch.load(out / "ddp" / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    want = [torch.load(out / "ddp-reference" / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for rank in range(2):
+        why = first_difference(got[rank], want[rank])
+        assert why is None, f"rank {rank} does not end as in the uninterrupted job: {why}"
+    assert got[0]["recorder"]["losses"] != got[1]["recorder"]["losses"]  # each rank's own
 
 
 def test_a_resumed_fit_redoes_only_the_batches_after_the_last_save(kills):
