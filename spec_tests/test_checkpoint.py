@@ -40,6 +40,7 @@ from minilib.data import DataBunch, Dataset
 from minilib.learner import Callback, Learner, Runner
 from minilib.loss import accuracy
 from minilib.schedules import combine_scheds, sched_cos
+from minilib.testing import test_close
 
 pytestmark = [
     pytest.mark.checkpoint,
@@ -723,6 +724,75 @@ def test_a_checkpoint_that_has_done_more_epochs_than_asked_is_refused_naming_bot
     assert_same_state(learn.model.state_dict(), before)
     learn, run = fit(path, epochs=4)
     assert (run.count_batches.train, run.n_iter) == (BATCHES_PER_EPOCH, 4 * BATCHES_PER_EPOCH)
+
+
+def test_a_checkpoint_of_another_number_of_processes_is_refused_naming_both(kills):
+    """Every rank keeps its own random and callback state in the checkpoint, and a DistributedSampler's
+    order depends on the number of ranks: a two-rank job's checkpoint resumed by one process is a
+    ValueError naming both numbers, before anything is loaded."""
+    if "ddp" not in kills["results"]:
+        pytest.skip("this torch build has no gloo backend")
+    learn = make_learner()
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"saved by 2 processes, this fit runs 1"):
+        fit(kills["out"] / "ddp" / "ckpt.pt", learn=learn, every_batches=1)
+    assert_same_state(learn.model.state_dict(), before)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What is NOT exact.
+
+
+def _wide_fit(path, threads: int, interrupt_at: int | None = None):
+    """A model wide enough for the CPU's matmuls to split a sum over threads: a 784 -> 64 layer sums 784
+    products for each of its 256 x 64 outputs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        ds = Dataset(torch.randn(512, 784), torch.randint(0, 10, (512,)))
+        data = DataBunch(
+            TorchDataLoader(ds, batch_size=256, shuffle=True), TorchDataLoader(ds, batch_size=512), c=10
+        )
+        model = nn.Sequential(nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+        learn = Learner(model, optim.SGD(model.parameters(), lr=0.1, momentum=0.9), F.cross_entropy, data)
+        extra = [InterruptAt(interrupt_at)] if interrupt_at else []
+        Runner([CheckpointCallback(path, every_batches=1), *extra]).fit(2, learn)
+        return learn.model.state_dict()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_fit_resumed_with_another_thread_count_is_not_exact(tmp_path):
+    """The claim holds for the same thread count. With two threads the CPU's matmul may split a sum
+    (here the 784 products of the first layer's outputs) between them and add the parts in another
+    order: the same step then differs in the last bits, and training carries the difference on.
+    Interrupted after its first batch, the fit resumed with one thread ends exactly as uninterrupted;
+    resumed with two, it does not (by float rounding only)."""
+    x, w = torch.randn(256, 784), torch.randn(784, 64)
+    if torch.equal(_threads(1, lambda: x @ w), _threads(2, lambda: x @ w)):
+        pytest.skip("this CPU's matmul gives the same bits with 1 and 2 threads: nothing to show here")
+    want = _wide_fit(tmp_path / "reference.pt", threads=1)
+    for threads in (1, 2):
+        path = tmp_path / f"resumed-{threads}.pt"
+        with pytest.raises(_Interrupt):
+            _wide_fit(path, threads=1, interrupt_at=2)
+        got = _wide_fit(path, threads=threads)
+        why = first_difference(got, want)
+        if threads == 1:
+            assert why is None, why
+        else:
+            assert why is not None, "two threads gave the very same bits"
+            test_close(got["0.weight"], want["0.weight"], atol=1e-4, rtol=0)  # rounding, not a bug
+
+
+def _threads(n: int, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
 
 
 if __name__ == "__main__":
