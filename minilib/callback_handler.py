@@ -5,17 +5,15 @@ in turn: an event CONTINUES only while every callback answers True (``res = res 
 after a falsy answer the later callbacks are not even asked). A callback that forgets ``return True``
 answers None, and the loop quietly skips its work. The lesson replaces this design with the ``Runner``
 of ``minilib.learner`` (True means STOP, so Python's implicit None means "carry on"); these names are
-re-exported from there.
+re-exported from there. This module imports only ``minilib.learner_core``, never ``minilib.learner``:
+the two designs share the Learner and nothing else.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:  # only for the annotations: minilib.learner imports this module
-    from minilib.learner import Learner
+from minilib.learner_core import Learner
 
 __all__ = ["HandlerCallback", "CallbackHandler", "fit"]
 

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from minilib import contract
-from minilib.learner import Callback, CancelTrainException, listify
+from minilib.learner import Callback, CancelTrainException, listify, silent
 
 __all__ = [
     "AvgStats",
@@ -71,11 +71,26 @@ class AvgStats:
         return ["loss"] + [getattr(m, "__name__", type(m).__name__) for m in self.metrics]
 
     def accumulate(self, run) -> None:
-        bn = run.xb.shape[0]
-        self.tot_loss += _item(run.loss) * bn
+        self.add(run.loss, run.pred, run.yb)
+
+    def add(self, loss, pred, yb) -> None:
+        """Count a batch of ``len(yb)`` samples whose mean loss is ``loss``."""
+        bn = len(yb)
+        self.tot_loss += _item(loss) * bn
         self.count += bn
         for i, m in enumerate(self.metrics):
-            self.tot_mets[i] += _item(m(run.pred, run.yb)) * bn
+            self.tot_mets[i] += _item(m(pred, yb)) * bn
+
+    def state_dict(self) -> dict:
+        """The totals (plain numbers: a checkpoint stores them with ``torch.save``)."""
+        return {"tot_loss": self.tot_loss, "tot_mets": list(self.tot_mets), "count": self.count}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.tot_loss, self.tot_mets, self.count = (
+            float(sd["tot_loss"]),
+            list(sd["tot_mets"]),
+            int(sd["count"]),
+        )
 
     def __repr__(self) -> str:
         if not self.count:
@@ -86,9 +101,10 @@ class AvgStats:
 class AvgStatsCallback(Callback):
     """Keeps ``train_stats`` and ``valid_stats`` (``AvgStats``) for the current epoch.
 
-    Prints both after each epoch as the lesson does, unless ``print_stats=False`` or (the default,
-    None) a ``ProgressCallback`` in the same runner shows them already. A failed print (a broken pipe
-    after ``| head``, a closed stdout) stops the printing, never the fit.
+    Shows both after each epoch through ``run.logger`` (``print``, as the lesson does, unless a
+    ``ProgressCallback`` has put its own in place), unless ``print_stats=False``. A logger that fails
+    (a broken pipe after ``| head``, a closed stdout) stops the showing, never the fit.
+    ``state_dict()`` holds both passes' totals, the one in progress included.
     """
 
     def __init__(self, metrics, print_stats: bool | None = None):
@@ -105,22 +121,29 @@ class AvgStatsCallback(Callback):
             stats.accumulate(self.run)
 
     def after_epoch(self):
-        show = self.print_stats
-        if show is None:
-            show = not any(isinstance(cb, ProgressCallback) for cb in self.run.cbs)
-        if show:
-            try:
-                print(self.train_stats)
-                print(self.valid_stats)
-            except (OSError, ValueError):  # a broken pipe or a closed stdout must not end the training:
-                self.print_stats = False  # stop printing; the numbers stay in train_stats/valid_stats
+        if self.print_stats is False:
+            return
+        try:
+            self.logger(self.train_stats)
+            self.logger(self.valid_stats)
+        except (OSError, ValueError):  # a broken pipe or a closed stdout must not end the training:
+            self.print_stats = False  # stop showing; the numbers stay in train_stats/valid_stats
+
+    def state_dict(self) -> dict:
+        return {"train": self.train_stats.state_dict(), "valid": self.valid_stats.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.train_stats.load_state_dict(sd["train"])
+        self.valid_stats.load_state_dict(sd["valid"])
 
 
 class Recorder(Callback):
     """Records, for every TRAINING batch, the lr of each param group and the loss.
 
-    ``lrs[g]`` is the list of lrs of param group ``g``; ``losses`` a list of floats. The plots return a
-    ``matplotlib.figure.Figure`` (built without pyplot: nothing is shown, nothing global is touched).
+    ``lrs[g]`` is the list of lrs of param group ``g``; ``losses`` a list of floats. A param group
+    added during the fit gets its own list, NaN for the batches before it existed, so that every list
+    lines up with ``losses``. The plots return a ``matplotlib.figure.Figure`` (built without pyplot:
+    nothing is shown, nothing global is touched). ``state_dict()`` holds the lists.
     """
 
     def begin_fit(self):
@@ -130,9 +153,22 @@ class Recorder(Callback):
     def after_batch(self):
         if not self.in_train:
             return
-        for pg, lrs in zip(self.opt.param_groups, self.lrs, strict=True):
+        groups = self.opt.param_groups
+        if len(groups) < len(self.lrs):
+            raise RuntimeError(
+                f"Recorder: the optimizer has {len(groups)} param groups, but lrs were recorded for "
+                f"{len(self.lrs)}: a group removed during a fit cannot be matched to its list"
+            )
+        self.lrs += [[math.nan] * len(self.losses) for _ in range(len(groups) - len(self.lrs))]
+        for pg, lrs in zip(groups, self.lrs, strict=True):
             lrs.append(float(pg["lr"]))
         self.losses.append(_item(self.loss))
+
+    def state_dict(self) -> dict:
+        return {"lrs": [list(lrs) for lrs in self.lrs], "losses": list(self.losses)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.lrs, self.losses = [list(lrs) for lrs in sd["lrs"]], list(sd["losses"])
 
     def _lrs(self, pgid: int) -> list[float]:
         if not -len(self.lrs) <= pgid < len(self.lrs):
@@ -273,9 +309,11 @@ class ProgressCallback(Callback):
     On a terminal: an epoch bar and a batch bar, and one summary line per epoch above them. When the
     output is not a terminal (CI logs, a file, pytest's capture): no bar, just the summary line per
     epoch, so logs stay clean. ``file`` defaults to ``sys.stdout`` as it is when the fit begins.
-    Metrics are read from an ``AvgStatsCallback`` in the same runner, if there is one. The display
-    never kills a training run: once writing fails (a closed stdout, a broken pipe after ``| head``),
-    it stops displaying and the fit goes on.
+    For the fit it takes ``run.logger``: what the other callbacks log during an epoch (AvgStatsCallback's
+    stats) goes into that epoch's line. On a runner whose logger is ``silent`` (DDPCallback's ranks other
+    than 0) it shows nothing. The running metrics come from ``run.avg_stats``, if there is one. The
+    display never kills a training run: once writing fails (a closed stdout, a broken pipe after
+    ``| head``), it stops displaying and the fit goes on.
     """
 
     _order = 10  # after the others: show what they computed for this batch
@@ -283,13 +321,10 @@ class ProgressCallback(Callback):
     # callback's begin_fit failed, and must not then hide that error behind an AttributeError.
     out = mbar = pbar = None
     tty = False
+    logged = ()
 
     def __init__(self, file=None, beta: float = 0.98):
         self.file, self.beta = file, beta
-
-    def _stats(self):
-        avg = getattr(self.run, "avg_stats", None)  # the runner's AvgStatsCallback, if any
-        return avg if isinstance(avg, AvgStatsCallback) else None
 
     def _show(self, write, *args) -> None:
         """Call ``write(*args)``, which writes to the output; if that fails, stop displaying for good."""
@@ -305,28 +340,39 @@ class ProgressCallback(Callback):
             self.mbar = self.pbar = None
 
     def begin_fit(self):
-        self.out = self.file if self.file is not None else sys.stdout
+        self.out = None if self.run.logger is silent else self.file if self.file is not None else sys.stdout
         self.mbar = self.pbar = None
-        self.smooth, self.n_smooth = 0.0, 0
+        self.smooth, self.n_smooth, self.logged = 0.0, 0, []
+        self.run.logger = self.log  # the Runner gives its own back after the fit
         self._show(self._open)
+
+    def log(self, *items) -> None:
+        """The runner's logger during the fit: keep ``items`` for the epoch's line."""
+        self.logged.append(items)
 
     def _open(self) -> None:
         isatty = getattr(self.out, "isatty", None)
         self.tty = bool(isatty()) if callable(isatty) else False
         self.mbar = tqdm(total=self.epochs, desc="epoch", unit="epoch", file=self.out, disable=not self.tty)
 
-    def _new_pbar(self, desc: str, dl) -> None:
+    def _new_pbar(self, desc: str) -> None:
         if self.pbar is not None:
             self.pbar.close()
         self.pbar = tqdm(
-            total=len(dl), desc=desc, unit="batch", leave=False, file=self.out, disable=not self.tty
+            total=self.iters,
+            initial=self.iter,
+            desc=desc,
+            unit="batch",
+            leave=False,
+            file=self.out,
+            disable=not self.tty,
         )
 
     def begin_epoch(self):
-        self._show(self._new_pbar, "train", self.data.train_dl)
+        self._show(self._new_pbar, "train")
 
     def begin_validate(self):
-        self._show(self._new_pbar, "valid", self.data.valid_dl)
+        self._show(self._new_pbar, "valid")
 
     def after_batch(self):
         if self.in_train:
@@ -338,7 +384,7 @@ class ProgressCallback(Callback):
         postfix = {}
         if self.n_smooth:
             postfix["loss"] = f"{self.smooth / (1 - self.beta**self.n_smooth):.4f}"
-        stats = self._stats()
+        stats = getattr(self.run, "avg_stats", None)
         if stats is not None:
             s = stats.train_stats if self.in_train else stats.valid_stats
             for name, v in zip(s.names[1:], s.avg_stats[1:], strict=True):
@@ -350,20 +396,17 @@ class ProgressCallback(Callback):
         self.pbar.update(1)
 
     def epoch_line(self) -> str:
-        """``epoch 2/3  train: loss 0.2311 accuracy 0.9312  valid: loss ...`` for the epoch just done."""
+        """``epoch 2/3  train: loss 0.2311 accuracy 0.9312  valid: loss ...`` for the epoch just done:
+        what was logged during it, or the smoothed training loss where no stats were logged."""
         parts = [f"epoch {self.epoch + 1}/{self.epochs}"]
-        stats = self._stats()
-        if stats is not None:
-            for label, s in (("train", stats.train_stats), ("valid", stats.valid_stats)):
-                if s.count:
-                    pairs = zip(s.names, s.avg_stats, strict=True)
-                    parts.append(f"{label}: " + " ".join(f"{n} {v:.4f}" for n, v in pairs))
-        elif self.n_smooth:
+        if self.n_smooth and not any(isinstance(x, AvgStats) for items in self.logged for x in items):
             parts.append(f"train: loss {self.smooth / (1 - self.beta**self.n_smooth):.4f}")
-        return "  ".join(parts)
+        parts += [_describe(items) for items in self.logged]
+        return "  ".join(p for p in parts if p)
 
     def after_epoch(self):
         self._show(self._print, self.epoch_line())
+        self.logged.clear()
 
     def _print(self, line: str) -> None:
         if self.tty:
@@ -373,6 +416,8 @@ class ProgressCallback(Callback):
             print(line, file=self.out, flush=True)
 
     def after_fit(self):
+        for items in self.logged:  # logged after the last epoch's line
+            self._show(self._print, _describe(items))
         self._show(self._close)
         self.out = None
 
@@ -381,6 +426,20 @@ class ProgressCallback(Callback):
             if bar is not None:
                 bar.close()
         self.mbar = self.pbar = None
+
+
+def _describe(items: tuple) -> str:
+    """Logged items as one line: an ``AvgStats`` as ``train: loss 0.2311 accuracy 0.9312``."""
+    return " ".join(_describe_stats(x) if isinstance(x, AvgStats) else str(x) for x in items)
+
+
+def _describe_stats(s: AvgStats) -> str:
+    pairs = zip(s.names, s.avg_stats, strict=True)
+    return (
+        f"{'train' if s.in_train else 'valid'}: " + " ".join(f"{n} {v:.4f}" for n, v in pairs)
+        if s.count
+        else ""
+    )
 
 
 class DeviceCallback(Callback):

@@ -9,9 +9,15 @@ the Runner's events alone. For the fit it:
 - swaps ``learn.data`` for loaders that give each process its share: training batches from a
   ``DistributedSampler`` (``set_epoch`` each epoch: a new order, the same on every rank), validation
   samples split WITHOUT padding, and restores the caller's ``learn.data`` in ``after_fit``;
-- sums ``AvgStatsCallback``'s totals (loss x bs, metric x bs, count) across processes at the end of each
-  pass, so every rank reports the whole set's numbers;
-- lets only rank 0 print.
+- sums ``run.avg_stats``' totals (loss x bs, metric x bs, count) across processes at the end of each
+  pass, so every rank reports the whole set's numbers, and leaves out of the training totals the
+  samples the sampler repeats to pad the set (they train, but are not counted twice);
+- raises after ``backward`` when a parameter got no gradient (DDP would leave its bucket unreduced
+  and the ranks would step apart, silently), unless ``find_unused_parameters=True`` lets DDP handle it;
+- broadcasts rank 0's buffers (BatchNorm's running statistics) before each validation pass, so that
+  every rank validates, and ends the fit with, the same model (DDP broadcasts them only before each
+  training forward, and each rank's last batch then moves its own);
+- silences ``run.logger`` on ranks other than 0: only rank 0 prints.
 
 Lesson 03 asked whether validation numbers stay right when batch sizes vary, and answered by weighting
 batch means by batch size. Across processes the same question bites harder: PyTorch's
@@ -43,8 +49,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from minilib import contract
 from minilib import data as mdata
-from minilib.callbacks import AvgStats, AvgStatsCallback, ProgressCallback
-from minilib.learner import Callback
+from minilib.callbacks import AvgStats
+from minilib.learner import Callback, silent
 
 __all__ = ["DDPCallback", "ShardSampler"]
 
@@ -64,19 +70,6 @@ class ShardSampler(TorchSampler):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.n, self.num_replicas))
-
-
-class _NullWriter:
-    """Where ranks other than 0 send progress output: a file that is not a terminal and keeps nothing."""
-
-    def write(self, s: str) -> int:
-        return len(s)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False
 
 
 def _loader_spec(dl, which: str) -> tuple[int, bool, dict]:
@@ -113,13 +106,16 @@ class DDPCallback(Callback):
     ``seed`` seeds the training order (``DistributedSampler``'s seed; ``set_epoch`` adds the epoch), and
     must be the same on every rank, as it is by default. ``process_group``: a group from
     ``torch.distributed.new_group`` (e.g. one with its own ``timeout``) instead of the default one.
+    ``find_unused_parameters``: DDP's own, for models whose forward skips some parameters (it costs a
+    walk over the autograd graph every step); without it such a model stops the fit with a RuntimeError.
+    One per Runner: a second one would wrap the wrapped model and shard the shards (a ValueError).
     """
 
     # Before AvgStatsCallback (0) so that its totals are summed before it prints them; after
     # DeviceCallback (-10) so that the model is on its device when DDP wraps it.
     _order = -5
 
-    def __init__(self, seed: int = 0, process_group=None):
+    def __init__(self, seed: int = 0, process_group=None, find_unused_parameters: bool = False):
         self.seed = contract.positive_int("DDPCallback", minimum=0, seed=seed)
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             contract.fail(
@@ -129,15 +125,22 @@ class DDPCallback(Callback):
                 process_group,
                 TypeError,
             )
-        self.process_group = process_group
+        self.process_group, self.find_unused_parameters = process_group, bool(find_unused_parameters)
         self._reset()
+
+    def set_runner(self, run) -> None:
+        if any(isinstance(cb, DDPCallback) and cb is not self for cb in run.cbs):
+            why = "one DDPCallback per Runner (a second would wrap the wrapped model and shard the shards)"
+            contract.fail("Runner", "cbs", why, "a second DDPCallback")
+        super().set_runner(run)
 
     def _reset(self) -> None:
         self.ddp_model = None  # the DistributedDataParallel wrapper during a fit
         self.module = None  # the plain module it wraps
         self.given_data = None  # the caller's learn.data, put back after the fit
         self.train_sampler = None
-        self._restore = []  # (object, attribute, value) to put back after the fit
+        self._hooks, self._got_grad = [], set()  # which parameters received a gradient in this batch
+        self._uncounted = None  # the train totals before a batch that holds padding
 
     # ---- begin_fit: check, wrap, shard, silence
 
@@ -156,11 +159,18 @@ class DDPCallback(Callback):
         device = next(self.module.parameters()).device
         # Constructing DDP broadcasts rank 0's parameters and buffers: every rank starts from the same model.
         self.ddp_model = DistributedDataParallel(
-            self.module, device_ids=[device] if device.type == "cuda" else None, process_group=group
+            self.module,
+            device_ids=[device] if device.type == "cuda" else None,
+            process_group=group,
+            find_unused_parameters=self.find_unused_parameters,
         )
         learn.model = self.ddp_model
+        if not self.find_unused_parameters:
+            for p in self.module.parameters():
+                if p.requires_grad:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._got_grad_for))
         if self.rank != 0:
-            self._silence()
+            self.run.logger = silent  # the Runner gives its own back after the fit
 
     def _shard_data(self, learn, specs: dict) -> None:
         data = learn.data
@@ -177,19 +187,13 @@ class DDPCallback(Callback):
         )
         valid_sampler = ShardSampler(len(valid_ds), self.world_size, self.rank)
         sharded.valid_dl = TorchDataLoader(valid_ds, batch_size=valid_bs, sampler=valid_sampler, **valid_kw)
+        # Rank r's share is positions r, r + W, ... of the padded order: those at n or beyond repeat samples.
+        self.train_bs, self.n_real = train_bs, len(range(self.rank, len(train_ds), self.world_size))
         self.given_data = data
         learn.data = sharded
 
-    def _silence(self) -> None:
-        for cb in self.run.cbs:
-            if isinstance(cb, AvgStatsCallback):
-                self._set(cb, "print_stats", False)
-            elif isinstance(cb, ProgressCallback):
-                self._set(cb, "file", _NullWriter())  # read by its begin_fit, which runs after ours
-
-    def _set(self, obj, attr: str, value) -> None:
-        self._restore.append((obj, attr, getattr(obj, attr)))
-        setattr(obj, attr, value)
+    def _got_grad_for(self, p) -> None:
+        self._got_grad.add(id(p))
 
     # ---- the epoch: a new training order; the plain module for validation; whole-set totals
 
@@ -197,28 +201,78 @@ class DDPCallback(Callback):
         self.train_sampler.set_epoch(self.epoch)
         self.run.learn.model = self.ddp_model
 
+    # ---- each training batch: padding left uncounted, every parameter given a gradient
+
+    def _train_stats(self) -> AvgStats | None:
+        stats = getattr(self.run, "avg_stats", None)  # the runner's AvgStatsCallback, found by its name
+        return stats.train_stats if stats is not None else None
+
+    def begin_batch(self):
+        self._got_grad.clear()
+        stats, n_real = self._train_stats(), self.n_real - self.iter * self.train_bs
+        if self.in_train and stats is not None and n_real < len(self.yb):
+            self._uncounted = (n_real, stats.state_dict())
+
+    def after_backward(self):
+        missing = [
+            n for n, p in self.module.named_parameters() if p.requires_grad and id(p) not in self._got_grad
+        ]
+        if self._hooks and missing:
+            raise RuntimeError(
+                f"DDPCallback: parameter {missing[0]!r} got no gradient ({len(missing)} in all): DDP "
+                "would leave the gradients of its bucket unreduced and the ranks would step apart. Freeze it "
+                "(requires_grad_(False)) or pass DDPCallback(find_unused_parameters=True)"
+            )
+
+    def after_batch(self):
+        # The sampler's padding trains (every rank must take as many steps) but must not be counted:
+        # if AvgStats counted this batch, count its real rows alone.
+        if self._uncounted is None:
+            return
+        (n_real, before), stats = self._uncounted, self._train_stats()
+        self._uncounted = None
+        if stats.count == before["count"]:
+            return  # not counted (cancelled before after_loss)
+        stats.load_state_dict(before)
+        if n_real > 0:
+            with torch.no_grad():
+                pred, yb = self.pred[:n_real], self.yb[:n_real]
+                stats.add(self.loss_func(pred, yb), pred, yb)
+
+    # ---- validation with the plain module and rank 0's buffers; whole-set totals
+
     def begin_validate(self):
         # Validate with the plain module: DDP's forward may broadcast buffers, a collective that ranks with
         # different numbers of validation batches would not all reach. The weights are the same tensors.
         self.run.learn.model = self.module
-        self._sum_totals(lambda cb: cb.train_stats)
+        self._broadcast_buffers()
+        self._sum_totals("train_stats")
+
+    def after_cancel_train(self):
+        self._broadcast_buffers()  # a fit cancelled mid-epoch: the ranks' last batches moved their own
 
     def after_epoch(self):
-        self._sum_totals(lambda cb: cb.valid_stats)
+        self._sum_totals("valid_stats")
 
-    def _sum_totals(self, which) -> None:
-        """Replace each AvgStats' totals by their sum over the ranks: one float64 all-reduce per pass."""
-        stats: list[AvgStats] = [which(cb) for cb in self.run.cbs if isinstance(cb, AvgStatsCallback)]
-        if not stats:
+    def _broadcast_buffers(self) -> None:
+        group = self.process_group
+        src = 0 if group is None else dist.get_global_rank(group, 0)
+        with torch.no_grad():
+            for b in self.module.buffers():
+                dist.broadcast(b, src=src, group=group)
+
+    def _sum_totals(self, which: str) -> None:
+        """Replace ``run.avg_stats``' totals of one pass by their sums over the ranks (float64)."""
+        stats = getattr(self.run, "avg_stats", None)
+        if stats is None:
             return
-        flat = [v for s in stats for v in (s.tot_loss, *s.tot_mets, s.count)]
-        totals = torch.tensor(flat, dtype=torch.float64, device=self._comm_device())
+        s: AvgStats = getattr(stats, which)
+        totals = torch.tensor(
+            [s.tot_loss, *s.tot_mets, s.count], dtype=torch.float64, device=self._comm_device()
+        )
         dist.all_reduce(totals, group=self.process_group)
-        totals = totals.tolist()
-        for s in stats:
-            k = 1 + len(s.tot_mets)
-            s.tot_loss, s.tot_mets, s.count = totals[0], totals[1:k], round(totals[k])
-            totals = totals[k + 1 :]
+        s.tot_loss, *s.tot_mets, count = totals.tolist()
+        s.count = round(count)
 
     def _comm_device(self) -> torch.device:
         # nccl only moves CUDA tensors; gloo moves CPU ones.
@@ -233,8 +287,8 @@ class DDPCallback(Callback):
             self.run.learn.model = self.module
         if self.given_data is not None:
             self.run.learn.data = self.given_data
-        for obj, attr, value in reversed(self._restore):
-            setattr(obj, attr, value)
+        for h in self._hooks:
+            h.remove()
         # Drop the wrapper now: its reducer's gradient hooks must not outlive the fit.
         self._reset()
 

@@ -1,28 +1,25 @@
-"""Lessons 04 (04_callbacks) and 05b (05b_early_stopping): the Learner, callbacks and the Runner.
+"""Lessons 04 (04_callbacks) and 05b (05b_early_stopping): callbacks and the Runner.
 
 The lesson builds the training loop twice. First ``CallbackHandler`` (``minilib.callback_handler``,
 re-exported here): every event returns True to CONTINUE, so a callback that forgets ``return True``
-(Python returns None) silently stops the fit. Then the ``Runner``: callbacks are small classes with an
-``_order``; an event returning True means STOP/SKIP, so Python's implicit None means "carry on"; and
-05b lets any callback cancel a batch, a pass over the data or the whole fit by raising
-``Cancel{Batch,Epoch,Train}Exception``. The three loop levels (``one_batch``, ``all_batches``, ``fit``)
-all run through one helper, ``Runner._with_events``, as fastai v2's Learner does: it catches the
-level's own Cancel exception, answers it with ``after_cancel_<level>``, and ends the level with its
-``after_*`` event whatever happened.
+silently stops the fit. Then the ``Runner``: callbacks are small classes with an ``_order``; True from an
+event means STOP/SKIP, so Python's implicit None means "carry on"; and 05b lets any callback cancel a
+batch, a pass over the data or the whole fit by raising ``Cancel{Batch,Epoch,Train}Exception``. The
+Learner and the helpers both designs share live in ``minilib.learner_core`` and are re-exported here.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable
-from contextlib import suppress
-from functools import partial
+from contextlib import contextmanager, suppress
+from numbers import Real
 
 import torch
-from torch import nn, optim
 
 from minilib import contract
 from minilib.callback_handler import CallbackHandler, HandlerCallback, fit
+from minilib.learner_core import Learner, camel2snake, create_learner, get_model, get_model_func, listify
 
 __all__ = [
     "Learner",
@@ -38,80 +35,11 @@ __all__ = [
     "CancelEpochException",
     "CancelBatchException",
     "Runner",
+    "silent",
     "HandlerCallback",
     "CallbackHandler",
     "fit",
 ]
-
-
-# ---------------------------------------------------------------------------------------------------
-# The Learner: plain storage for what one training run needs.
-
-
-class Learner:
-    """The model, its optimizer, the loss function and the data (a ``DataBunch``): storage, no logic."""
-
-    def __init__(self, model, opt, loss_func, data):
-        self.model, self.opt, self.loss_func, self.data = model, opt, loss_func, data
-
-    def __repr__(self) -> str:
-        return f"Learner(model={self.model!r}, opt={type(self.opt).__name__}, data={self.data!r})"
-
-
-def get_model(data, lr: float = 0.5, nh: int = 50) -> tuple[nn.Sequential, optim.SGD]:
-    """The lesson's MLP ``Linear(m, nh) -> ReLU -> Linear(nh, data.c)`` and an ``optim.SGD`` on it.
-
-    ``m`` is the number of input features of one training item, ``data.c`` the number of classes.
-    """
-    contract.positive_int("get_model", nh=nh, **{"data.c": getattr(data, "c", None)})  # c: the outputs
-    contract.finite_number("get_model", positive=True, lr=lr)
-    m = data.train_ds[0][0].numel()
-    model = nn.Sequential(nn.Linear(m, nh), nn.ReLU(), nn.Linear(nh, data.c))
-    return model, optim.SGD(model.parameters(), lr=lr)
-
-
-def get_model_func(lr: float = 0.5):
-    """``get_model`` with ``lr`` fixed: a ``data -> (model, opt)`` function for ``create_learner``."""
-    return partial(get_model, lr=lr)
-
-
-def create_learner(model_func, loss_func, data) -> Learner:
-    """``Learner(*model_func(data), loss_func, data)``: a fresh model and optimizer for ``data``."""
-    return Learner(*model_func(data), loss_func, data)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Small helpers.
-
-# Insert "_" before a capitalised word or after a lower-case letter/digit followed by a capital, but
-# never right after an existing "_" (so LR_Find gives lr_find, not fastai's lr__find).
-_camel_re1 = re.compile(r"([^_])([A-Z][a-z]+)")
-_camel_re2 = re.compile(r"([a-z0-9])([A-Z])")
-
-
-def camel2snake(name: str) -> str:
-    """``TrainEvalCallback`` -> ``train_eval_callback``; ``AvgStats`` -> ``avg_stats``."""
-    if not isinstance(name, str):
-        contract.fail("camel2snake", "name", "a str", name, TypeError)
-    s1 = _camel_re1.sub(r"\1_\2", name)
-    return _camel_re2.sub(r"\1_\2", s1).lower()
-
-
-def listify(o) -> list:
-    """None -> ``[]``; a list -> itself; a str or non-iterable -> ``[o]``; other iterables -> ``list(o)``."""
-    if o is None:
-        return []
-    if isinstance(o, list):
-        return o
-    if isinstance(o, (str, bytes)):
-        return [o]
-    if isinstance(o, Iterable):
-        return list(o)
-    return [o]
-
-
-# ---------------------------------------------------------------------------------------------------
-# The Runner's callbacks (05b design).
 
 #: Every event the Runner fires, in the order one training batch meets them (then the rest).
 EVENTS = (
@@ -134,27 +62,32 @@ _EVENT_SET = frozenset(EVENTS)
 
 
 def _check_event(event_name, fname: str) -> None:
-    if event_name not in _EVENT_SET:  # the fast path: run() checks every event of every batch
+    if event_name not in _EVENT_SET:
         contract.one_of(fname, "event_name", event_name, EVENTS)
 
 
+# Each Cancel exception names the event that answers it.
 class CancelTrainException(Exception):
     """Raise from any event to end the fit; ``after_cancel_train`` then ``after_fit`` run."""
+
+    answer = "after_cancel_train"
 
 
 class CancelEpochException(Exception):
     """Raise from a batch event, ``begin_epoch`` or ``begin_validate`` to end the current pass over a
     DataLoader (training or validation); ``after_cancel_epoch`` runs, then the epoch goes on."""
 
+    answer = "after_cancel_epoch"
+
 
 class CancelBatchException(Exception):
     """Raise from a batch event to skip the rest of the batch; ``after_cancel_batch``, ``after_batch`` run."""
 
+    answer = "after_cancel_batch"
 
-#: The Runner's three loop levels, each with the exception that cancels it (answered by
-#: ``after_cancel_<level>``). A Cancel exception raised outside its level (a CancelBatchException in
-#: ``begin_epoch``: there is no batch to cancel) is an ordinary error.
-CANCELS = {"batch": CancelBatchException, "epoch": CancelEpochException, "train": CancelTrainException}
+
+def silent(*args, **kwargs) -> None:
+    """A ``run.logger`` that shows nothing (``DDPCallback`` gives it to the ranks other than 0)."""
 
 
 class Callback:
@@ -171,37 +104,36 @@ class Callback:
         self.run = run
 
     def __getattr__(self, k):
-        # Python calls __getattr__ only for attributes not found normally. Read the runner from the
-        # instance dict, never as self.run: before set_runner (or in copy/pickle, which build an empty
-        # instance and look up __setstate__ & co.) self.run would call __getattr__ again, forever.
+        # Only for names the callback lacks. Read the runner from __dict__: self.run would come back here
+        # before set_runner, and copy/pickle look up dunders on an empty instance.
         run = self.__dict__.get("run")
-        if run is None or (k.startswith("__") and k.endswith("__")):
-            why = "" if run is not None else " (and it has no runner to read it from yet: see set_runner)"
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {k!r}{why}")
-        try:
-            return getattr(run, k)
-        except AttributeError:
-            raise AttributeError(
-                f"{type(self).__name__!r} object has no attribute {k!r}, and neither has its runner"
-            ) from None
+        if run is not None and not k.startswith("__"):
+            with suppress(AttributeError):
+                return getattr(run, k)
+        where = "neither has its runner" if run is not None else "it has no runner to read it from yet"
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {k!r}, and {where}")
 
     @property
     def name(self) -> str:
         """The class name without ``Callback``, snake_case: the attribute the runner keeps it under."""
-        name = re.sub(r"Callback$", "", type(self).__name__)
-        return camel2snake(name or "callback")
+        return camel2snake(re.sub(r"Callback$", "", type(self).__name__) or "callback")
 
     def __call__(self, event_name: str):
         """Call this callback's method for ``event_name`` if it has one, and return what it returns."""
         _check_event(event_name, f"{type(self).__name__}.__call__")
-        # Look on the class, not the instance: through __getattr__, getattr(self, ...) would fall back to
-        # an attribute of the runner that happens to share the event's name.
-        if getattr(type(self), event_name, None) is None:
-            return None
-        return getattr(self, event_name)()
+        return _method(self, event_name)()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def _none() -> None:
+    return None
+
+
+def _method(cb: Callback, event_name: str):
+    # Looked up on the class: through __getattr__, the runner's attribute of that name would answer.
+    return getattr(cb, event_name) if hasattr(type(cb), event_name) else _none
 
 
 class TrainEvalCallback(Callback):
@@ -209,53 +141,113 @@ class TrainEvalCallback(Callback):
     (training batches so far), and switches the model between ``train()`` and ``eval()``.
 
     ``n_epochs`` is a float because a schedule needs to know where training is WITHIN an epoch:
-    ``ParamScheduler`` sets the learning rate from ``n_epochs / epochs`` before every batch.
+    ``ParamScheduler`` sets the learning rate from ``n_epochs / epochs`` before every batch. It is
+    computed from ``run.iter`` (epoch + (iter + 1) / iters rather than the lesson's repeated
+    ``+= 1 / iters``: no rounding drift, and a resumed pass continues it exactly).
     """
 
     def begin_fit(self):
-        self.run.n_epochs = 0.0
-        self.run.n_iter = 0
+        self.run.n_epochs, self.run.n_iter = 0.0, 0
 
     def begin_epoch(self):
         self.run.n_epochs = float(self.epoch)
-        self._batch = 0
         self.model.train()
         self.run.in_train = True
 
     def after_batch(self):
-        if not self.in_train:
-            return
-        # epoch + k / iters rather than the lesson's repeated += 1 / iters: the same number without the
-        # rounding drift, so the last batch of the last epoch ends at exactly n_epochs == epochs.
-        self._batch += 1
-        self.run.n_epochs = self.epoch + self._batch / self.iters
-        self.run.n_iter += 1
+        if self.in_train:
+            self.run.n_epochs = self.epoch + (self.iter + 1) / self.iters
+            self.run.n_iter += 1
 
     def begin_validate(self):
         self.model.eval()
         self.run.in_train = False
 
 
-# Attributes the Runner itself sets during a fit: a callback named like one would be overwritten.
+# What the Runner itself sets during a fit: a callback named like one would be overwritten.
 _RUNNER_STATE = frozenset(
-    {"xb", "yb", "pred", "loss", "epoch", "epochs", "dl", "iters", "in_train", "n_epochs", "n_iter"}
-    | {"learn", "cbs"}
+    {"xb", "yb", "pred", "loss", "epoch", "epochs", "start_epoch", "dl", "iter", "iters", "in_train"}
+    | {"n_epochs", "n_iter", "learn", "logger"}
 )
 
 
+class _Callbacks(list):
+    """``run.cbs``: a list that checks each callback as it joins and keeps itself sorted by ``_order``
+    (stably: ties keep the order they were given or inserted in), however it is changed."""
+
+    def __init__(self, run: Runner):
+        super().__init__()
+        self.run = run
+
+    def _admitted(self, cbs) -> list:
+        cbs = list(cbs)
+        for cb in cbs:
+            self.run._admit(cb)
+        return cbs
+
+    def append(self, cb) -> None:
+        self.extend([cb])
+
+    def extend(self, cbs) -> None:
+        for cb in list(cbs):  # one at a time: a callback checking the others sees those before it
+            self.run._admit(cb)
+            super().append(cb)
+        self.sort()
+
+    def insert(self, i, cb) -> None:
+        super().insert(i, *self._admitted([cb]))
+        self.sort()
+
+    def __setitem__(self, i, cbs) -> None:
+        super().__setitem__(i, self._admitted(cbs) if isinstance(i, slice) else self._admitted([cbs])[0])
+        self.sort()
+
+    def __iadd__(self, cbs):
+        self.extend(cbs)
+        return self
+
+    def __imul__(self, n):
+        super().__imul__(n)
+        self.sort()
+        return self
+
+    def reverse(self) -> None:
+        super().reverse()
+        self.sort()
+
+    def sort(self) -> None:  # by _order only: any other order would be undone by the next change
+        super().sort(key=lambda cb: cb._order)
+
+
 class Runner:
-    """The training loop of lesson 05b, one method per loop level: ``fit`` > ``all_batches`` > ``one_batch``.
+    """The training loop of lesson 05b, one block per loop level: ``fit`` > ``all_batches`` > ``one_batch``.
 
     ``Runner(cbs, cb_funcs)``: ``cbs`` are callback instances, ``cb_funcs`` callables that build one
     (``Recorder``, ``partial(ParamScheduler, 'lr', sched)``). A ``TrainEvalCallback`` is always added.
-    Every callback is reachable as ``run.<its name>`` (``run.recorder``, ``run.avg_stats``); two with
-    the same name: the later one. During a fit the runner holds the loop's state for the callbacks:
-    ``learn``, ``epochs``, ``epoch``, ``dl`` (the DataLoader of the current pass) and its length
-    ``iters``, ``in_train``, ``xb``, ``yb``, ``pred``, ``loss``.
+    Each callback is checked once, when it joins ``run.cbs`` (at construction, or appended later):
+    a Callback, a real ``_order``, a name the Runner does not use, no misspelt event method. It is
+    then reachable as ``run.<its name>`` (two with the same name: the later one). ``run.cbs`` keeps
+    itself sorted by ``_order`` however it is changed, and ``run(event)`` calls the callbacks that
+    were there when the event began.
+
+    ``run.logger`` (default ``print``) is how callbacks show things: ``ProgressCallback`` replaces it
+    to put their lines in its own, ``DDPCallback`` silences it on ranks other than 0. A fit gives it
+    back as it was. A fit cannot start while one runs (a RuntimeError): the inner fit would end the
+    outer one's training mode.
+
+    The loop's state, for the callbacks (and for resuming a fit, as a checkpoint callback does):
+    - ``learn``, ``epochs``; ``epoch``, the current epoch: ``fit`` runs ``range(run.start_epoch,
+      epochs)``, and ``start_epoch`` is 0 before ``begin_fit``, where a callback may raise it.
+    - ``dl``, the loader of the current pass, and ``iters = len(dl)``, set before ``begin_epoch`` /
+      ``begin_validate``. The pass iterates ``run.dl`` as it stands after that event, so a callback
+      may replace it by the batches that remain and set ``run.iter`` to the number it skipped;
+      ``iters`` stays the length of the whole pass. ``iter`` is the index of the current batch in
+      the pass (0-based), set by the Runner before each batch.
+    - ``in_train``, ``xb``, ``yb``, ``pred``, ``loss``; ``n_epochs`` and ``n_iter`` (TrainEvalCallback).
     """
 
     def __init__(self, cbs=None, cb_funcs=None):
-        self.in_train = False
+        self.in_train, self.logger, self._fitting = False, print, False
         cbs = list(listify(cbs))  # a copy: never append to the caller's list
         for cbf in listify(cb_funcs):
             # A Callback instance is callable too (cb(event_name)), so calling it would fail obscurely.
@@ -265,21 +257,31 @@ class Runner:
             cbs.append(cbf())
         if not any(isinstance(cb, TrainEvalCallback) for cb in cbs):
             cbs.insert(0, TrainEvalCallback())
-        for cb in cbs:
-            self._add(cb)
-        # Sorted once, stably: callbacks with equal _order run in the order they were given.
-        self.cbs = sorted(cbs, key=lambda cb: cb._order)
+        self.cbs = cbs
 
-    def _add(self, cb) -> None:
-        """Make ``cb`` reachable as ``run.<cb.name>``, once it is known to be a callback the loop can call."""
+    @property
+    def cbs(self) -> list:
+        return self._cbs
+
+    @cbs.setter
+    def cbs(self, cbs) -> None:
+        self._cbs = _Callbacks(self)
+        self._cbs.extend(listify(cbs))
+
+    def _admit(self, cb) -> None:
+        """Check ``cb`` once, as it joins ``run.cbs``, and make it reachable as ``run.<cb.name>``."""
         if not isinstance(cb, Callback):
             contract.fail("Runner", "cbs", "Callback instances", cb, TypeError)
+        order = cb._order
+        if not isinstance(order, Real) or math.isnan(order):  # NaN compares False: it scrambles sorting
+            contract.fail("Runner", f"{type(cb).__name__}._order", "a real number", order, TypeError)
         if hasattr(type(self), cb.name) or cb.name in _RUNNER_STATE:
             want = "a name the Runner does not use itself (rename the class)"
             contract.fail("Runner", f"{type(cb).__name__}'s name", want, f"{cb.name!r} (run.{cb.name})")
         for attr in dir(type(cb)):  # a misspelt event (begin_bacth) would otherwise never run, silently
             if attr.startswith(("begin_", "after_")):
                 contract.one_of("Runner", f"{type(cb).__name__}.{attr}", attr, EVENTS)
+        cb.set_runner(self)
         setattr(self, cb.name, cb)
 
     # What the callbacks read through the runner.
@@ -299,110 +301,102 @@ class Runner:
     def data(self):
         return self.learn.data
 
-    # --- The one helper every loop level runs through ----------------------------------------------
-
-    def _with_events(self, f, level: str, after: str | None = None, final=None) -> None:
-        """Run one loop level: ``f()``, then, whatever happened in it, ``final()`` and the event ``after``.
-
-        The level's own Cancel exception (``CANCELS[level]``), raised in ``f`` or in ``after``, ends the
-        level: ``after_cancel_<level>`` answers it and it goes no further. Any other exception goes on
-        up unchanged once the level has ended (the lesson's ``finally``), so that ``after_batch`` and
-        ``after_fit`` always run; a Cancel raised while ending the level must not swallow it.
-        """
-        cancel = CANCELS[level]
-        try:
-            try:
-                f()
-            except cancel:
-                self._answer(level)
-        except BaseException:
-            with suppress(cancel):
-                self._end(after, final)
-            raise
-        try:
-            self._end(after, final)
-        except cancel:
-            self._answer(level)
-
-    def _end(self, after: str | None, final) -> None:
-        if final is not None:
-            final()
-        if after is not None:
-            self(after)
-
-    def _answer(self, level: str) -> None:
-        with suppress(CANCELS[level]):  # cancelling the level again while it is being cancelled: no-op
-            self(f"after_cancel_{level}")
-
-    # --- The three levels ----------------------------------------------------------------------------
+    # --- The three loop levels, each one block inside _level ---------------------------------------
 
     def one_batch(self, xb, yb) -> None:
         self.xb, self.yb = xb, yb
-        self._with_events(self._batch, "batch", after="after_batch", final=self._zero_grad)
+        with self._level(CancelBatchException, end=self._end_batch):
+            self("begin_batch")
+            self.pred = self.model(self.xb)
+            self("after_pred")
+            self.loss = self.loss_func(self.pred, self.yb)
+            self("after_loss")
+            if not self.in_train:
+                return  # validation: no backward, no step
+            self.loss.backward()
+            self("after_backward")
+            self.opt.step()
+            self("after_step")
 
-    def _batch(self) -> None:
-        self("begin_batch")
-        self.pred = self.model(self.xb)
-        self("after_pred")
-        self.loss = self.loss_func(self.pred, self.yb)
-        self("after_loss")
-        if not self.in_train:
-            return  # validation: no backward, no step
-        self.loss.backward()
-        self("after_backward")
-        self.opt.step()
-        self("after_step")
-
-    def _zero_grad(self) -> None:
-        # At the end of every training batch, even a cancelled one: a batch cancelled after its backward
-        # must not leave its gradients to be added to the next batch's.
-        if self.in_train:
+    def _end_batch(self) -> None:
+        if self.in_train:  # even after a cancel: its gradients must not be added to the next batch's
             self.opt.zero_grad()
+        self("after_batch")
 
     def all_batches(self, dl, begin: str = "begin_epoch") -> None:
         """One pass over ``dl``, opened by ``begin`` (begin_epoch or begin_validate: True from it skips)."""
-        self._with_events(partial(self._batches, dl, begin), "epoch")
-
-    def _batches(self, dl, begin: str) -> None:
-        self.dl, self.iters = dl, len(dl)
-        if self(begin):
-            return
-        for xb, yb in dl:
-            self.one_batch(xb, yb)
+        self.dl, self.iters, self.iter = dl, len(dl), 0
+        with self._level(CancelEpochException):
+            if self(begin):
+                return
+            for i, (xb, yb) in enumerate(self.dl, start=self.iter):  # run.dl and run.iter as begin left them
+                self.iter = i
+                self.one_batch(xb, yb)
 
     def fit(self, epochs: int, learn: Learner) -> None:
         """Train ``learn`` for ``epochs`` epochs, each a training pass then a validation pass."""
         contract.positive_int("Runner.fit", minimum=0, epochs=epochs)
         if not all(hasattr(learn, a) for a in ("model", "opt", "loss_func", "data")):
             contract.fail("Runner.fit", "learn", "a Learner (model, opt, loss_func, data)", learn, TypeError)
-        self.epochs, self.learn, self.loss = epochs, learn, torch.tensor(0.0)
+        if self._fitting:
+            raise RuntimeError(
+                "Runner.fit: a fit is already running on this Runner (fit called from a callback?); "
+                "the inner fit would end the outer one's training mode, leaving its batches untrained"
+            )
+        self.epochs, self.learn, self.loss, self.start_epoch = epochs, learn, torch.tensor(0.0), 0
+        self._fitting, logger = True, self.logger
         for cb in self.cbs:
             cb.set_runner(self)
         try:
-            self._with_events(self._epochs, "train", after="after_fit")
+            with self._level(CancelTrainException, end=lambda: self("after_fit")):
+                self("begin_fit")
+                for epoch in range(self.start_epoch, epochs):
+                    self.epoch = epoch
+                    self.all_batches(self.data.train_dl, "begin_epoch")
+                    with torch.no_grad():
+                        self.all_batches(self.data.valid_dl, "begin_validate")
+                    self("after_epoch")
         finally:
-            self.in_train = False
+            self.in_train, self._fitting, self.logger = False, False, logger
         # Unlike the lesson, keep run.learn after the fit: run.model and run.opt stay readable.
 
-    def _epochs(self) -> None:
-        self("begin_fit")
-        for epoch in range(self.epochs):
-            self.epoch = epoch
-            self.all_batches(self.data.train_dl, "begin_epoch")
-            with torch.no_grad():
-                self.all_batches(self.data.valid_dl, "begin_validate")
-            self("after_epoch")
+    @contextmanager
+    def _level(self, cancel: type[Exception], end=_none):
+        """One loop level: the body of the ``with``, then ``end()`` whatever happened in it (the lesson's
+        ``finally``: after_batch and after_fit always run).
+
+        The level's own ``cancel`` exception, raised in the body or in ``end``, stops the level and is
+        answered by its event (``cancel.answer``, e.g. after_cancel_batch); cancelling again while it
+        is answered changes nothing. Any other exception (a higher level's Cancel included) goes on up
+        unchanged once the level has ended; a ``cancel`` raised while ending it cannot swallow it.
+        """
+        try:
+            try:
+                yield
+            except cancel:
+                with suppress(cancel):
+                    self(cancel.answer)
+        except BaseException:
+            with suppress(cancel):
+                end()
+            raise
+        try:
+            end()
+        except cancel:
+            with suppress(cancel):
+                self(cancel.answer)
 
     def run(self, event_name: str) -> bool:
         """Call every callback's ``event_name`` method, in ``_order``; True if ANY of them returned truthy.
 
-        All of them are called, even after one returned True. (The lesson's exported
-        ``res = cb(name) and res``, starting from False, could never be True.)
+        All of them are called, even after one returned True (the lesson's exported
+        ``res = cb(name) and res``, starting from False, could never be True), and those called are
+        the ones there when the event began, whatever the callbacks do to ``run.cbs`` meanwhile.
         """
         _check_event(event_name, "Runner.run")
         res = False
-        for cb in self.cbs:
-            res = bool(cb(event_name)) or res  # cb first: no short-circuit may skip a callback
+        for cb in tuple(self.cbs):
+            res = bool(_method(cb, event_name)()) or res  # the call first: no short-circuit may skip it
         return res
 
     def __call__(self, event_name: str) -> bool:

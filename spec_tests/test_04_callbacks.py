@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import pickle
 import sys
 
@@ -316,6 +317,101 @@ def test_listify_makes_a_list_of_anything():
     assert listify((1, 2)) == [1, 2] and listify(i for i in range(2)) == [0, 1]
     lst = [1]
     assert listify(lst) is lst
+
+
+# --- The Runner's list of callbacks, changed during a fit ------------------------------------------
+
+
+def test_a_callback_that_removes_itself_does_not_make_the_next_one_miss_the_event():
+    """``run(event)`` calls every callback that was there when the event began. Iterating the live
+    list, removing the current callback shifts the next one into its slot, and the loop skips it."""
+    calls = []
+
+    class Once(Callback):
+        def begin_fit(self):
+            calls.append("once")
+            self.run.cbs.remove(self)
+
+    class After(Callback):
+        def begin_fit(self):
+            calls.append("after")
+
+    run = Runner([Once(), After()])
+    run.fit(0, tiny_learner())
+    assert calls == ["once", "after"], calls
+    assert [type(cb).__name__ for cb in run.cbs] == ["TrainEvalCallback", "After"]
+
+
+def test_a_callback_appended_during_a_fit_takes_its_place_in_the_order():
+    """``run.cbs`` stays sorted by ``_order`` however it changes: a callback appended at begin_fit
+    with ``_order = -1`` runs before the others from the next event on, as it would had it been
+    given to the Runner. (Appended to a plain list it would run last, out of order.)"""
+    calls = []
+
+    def make(label, order):
+        cls = type(f"{label}Callback", (Callback,), {"_order": order})
+        cls.begin_epoch = lambda self: calls.append(label)
+        return cls()
+
+    class Adder(Callback):
+        added = False
+
+        def begin_fit(self):
+            if self.added:  # once: a Runner iterating its live list would come back here
+                return
+            self.added = True
+            self.run.cbs.append(make("Early", -1))
+            self.run.cbs.insert(0, make("Late", 5))
+
+    run = Runner([Adder(), make("Zero", 0)])
+    run.fit(1, tiny_learner())
+    assert calls == ["Early", "Zero", "Late"], calls
+    assert run.early is run.cbs[0], "an appended callback is reachable by its name, as a given one"
+
+
+@pytest.mark.parametrize("order", [math.nan, "late", None], ids=["nan", "a str", "None"])
+def test_a_callbacks_order_must_be_a_real_number(order):
+    """``_order`` is a sort key: NaN compares False with everything and silently scrambles the sort;
+    a str or None fails inside ``sorted`` with a message naming neither ``_order`` nor the callback.
+    Both are refused when the callback joins the Runner, with a TypeError naming both (appended
+    later too)."""
+    bad = type("OddCallback", (Callback,), {"_order": order})
+    with pytest.raises(TypeError, match=r"OddCallback\._order"):
+        Runner([bad()])
+    run = Runner()
+    with pytest.raises(TypeError, match=r"OddCallback\._order"):
+        run.cbs.append(bad())
+    assert len(run.cbs) == 1, "the refused callback was added anyway"
+
+
+def test_fit_called_from_a_callback_is_refused_and_the_outer_fit_goes_on_training():
+    """A fit inside a fit would end with ``in_train = False`` and leave the outer fit's remaining
+    batches untrained. ``run.fit`` from a callback is a RuntimeError saying a fit is already running."""
+    learn = tiny_learner()
+    errors = []
+
+    class Nested(Callback):
+        tried = False
+
+        def after_batch(self):
+            if self.n_iter == 1 and not Nested.tried:  # once: a nested fit that ran would come here again
+                Nested.tried = True
+                try:
+                    self.run.fit(1, learn)
+                    errors.append("the nested fit ran")
+                except RuntimeError as e:
+                    errors.append(str(e))
+
+    class CountSteps(Callback):
+        steps = 0
+
+        def after_step(self):
+            self.steps += 1
+
+    run = Runner([Nested(), CountSteps()])
+    run.fit(2, learn)
+    assert errors and "already running" in errors[0], errors
+    assert run.count_steps.steps == 4, f"{run.count_steps.steps} steps, expected 2 epochs x 2 batches"
 
 
 # --- AvgStats ------------------------------------------------------------------------------------

@@ -354,3 +354,24 @@ def test_one_cycle_trains_better_than_a_constant_lr_from_the_same_start(mnist_sa
     for seed in range(3):
         const, cyc = results[seed, "constant"], results[seed, "one_cycle"]
         assert math.isfinite(cyc) and cyc < const, f"seed {seed}: one-cycle loss {cyc} vs constant {const}"
+
+
+def test_recorder_gives_a_param_group_added_during_the_fit_its_own_list():
+    """Fine-tuning often unfreezes a layer mid-fit by adding a param group to the optimizer. The
+    Recorder then keeps a list for the new group too, NaN for the batches before the group existed, so
+    every list still has one entry per recorded batch (and lines up with ``losses``)."""
+    data = tiny_data(n_train=16, n_valid=4, bs=4)
+    model, _ = get_model(data)
+    opt = optim.SGD(model[0].parameters(), lr=0.1)
+
+    class Unfreeze(Callback):
+        def after_batch(self):
+            if self.n_iter == 2:
+                self.opt.add_param_group({"params": model[2].parameters(), "lr": 0.01})
+
+    run = Runner([Recorder(), Unfreeze()])
+    run.fit(1, Learner(model, opt, F.cross_entropy, data))
+    first, second = run.recorder.lrs
+    assert first == [0.1] * 4, first
+    assert all(math.isnan(v) for v in second[:2]) and second[2:] == [0.01] * 2, second
+    assert len(run.recorder.losses) == 4

@@ -1089,6 +1089,44 @@ BAD += [
     ),
 ]
 
+# ------------------------------------------------------------------------ the Runner's callbacks as they join
+
+
+def _odd_order(order):
+    return type("OddCallback", (Callback,), {"_order": order})()
+
+
+BAD += [
+    Bad(
+        "Runner: a callback's _order 'late'",
+        lambda: Runner([_odd_order("late")]),
+        TypeError,
+        r"OddCallback\._order",
+        defect=True,
+    ),
+    Bad(
+        "Runner: a callback's _order None",
+        lambda: Runner([_odd_order(None)]),
+        TypeError,
+        r"OddCallback\._order",
+        defect=True,
+    ),
+    Bad(
+        "Runner: a callback's _order nan",
+        lambda: Runner([_odd_order(math.nan)]),
+        TypeError,
+        r"OddCallback\._order",
+        defect=True,
+    ),
+    Bad(
+        "Runner: two DDPCallbacks",
+        lambda: Runner([DDPCallback(), DDPCallback()]),
+        ValueError,
+        r"DDPCallback",
+        defect=True,
+    ),
+]
+
 # ------------------------------------------------------------------------ minilib.checkpoint
 # checkpoint (its own import here, for the merge; the lead may move it to the block at the top)
 from minilib.checkpoint import CheckpointCallback  # noqa: E402

@@ -30,6 +30,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn, optim
 from torch.utils.data import DataLoader as TorchDataLoader
 from torch.utils.data.distributed import DistributedSampler
 
@@ -125,6 +126,47 @@ def single_process(bs: int, *cbs: Callback) -> tuple[Learner, Runner]:
     return learn, run
 
 
+N_ODD = 5  # a training set that is not a multiple of WORLD: the sampler pads it to 6
+
+
+def odd_learner() -> Learner:
+    """5 training samples in batches of 2, and lr 0: the weights never move, so every training batch is
+    scored by the initial model and the training numbers must be that model's over the 5 samples."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(N_ODD, N_IN, generator=g), torch.randint(0, C, (N_ODD,), generator=g)
+    data = DataBunch(TorchDataLoader(Dataset(x, y), batch_size=2), TorchDataLoader(Dataset(x, y)), c=C)
+    torch.manual_seed(2)
+    model, _ = get_model(data, nh=NH)
+    return Learner(model, optim.SGD(model.parameters(), lr=0.0), F.cross_entropy, data)
+
+
+class WithUnused(nn.Module):
+    """A linear model with a second layer that forward never calls: its parameters get no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = nn.Linear(N_IN, C), nn.Linear(N_IN, C)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def unused_learner() -> Learner:
+    """One step (each rank takes half of the N_TRAIN samples) on a model with a layer it never uses."""
+    data = make_data(N_TRAIN // WORLD)
+    torch.manual_seed(3)
+    model = WithUnused()
+    return Learner(model, optim.SGD(model.parameters(), lr=LR), F.cross_entropy, data)
+
+
+def bn_learner() -> Learner:
+    """The lesson's MLP with a BatchNorm1d: its running statistics follow each rank's own batches."""
+    data = make_data(BS)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(N_IN, NH), nn.BatchNorm1d(NH), nn.ReLU(), nn.Linear(NH, C))
+    return Learner(model, optim.SGD(model.parameters(), lr=LR), F.cross_entropy, data)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The worker: one process of the job. Nothing here prints except the callbacks under test.
 
@@ -174,6 +216,29 @@ def worker(rank: int, port: int, out: Path) -> None:
             "model_is_given": learn.model is model,
             "params": params(learn.model),
         }
+
+    # A training set of 5 on 2 ranks: the sampler's padding duplicate must not be counted.
+    run = Runner([AvgStatsCallback([accuracy], print_stats=False), DDPCallback()])
+    run.fit(1, odd_learner())
+    res["odd"] = {"train": run.avg_stats.train_stats.avg_stats, "count": run.avg_stats.train_stats.count}
+
+    # A parameter that gets no gradient: the fit raises, or (find_unused_parameters) the ranks agree.
+    learn = unused_learner()
+    try:
+        Runner([DDPCallback()]).fit(1, learn)
+        res["unused"] = {"error": None}
+    except RuntimeError as e:
+        res["unused"] = {"error": str(e)}
+    res["unused"]["params"] = params(learn.model)
+    learn = unused_learner()
+    Runner([DDPCallback(find_unused_parameters=True)]).fit(1, learn)
+    res["unused_found"] = params(learn.model)
+
+    # BatchNorm: the running statistics of each rank's last batch.
+    learn = bn_learner()
+    run = Runner([AvgStatsCallback([accuracy], print_stats=False), DDPCallback()])
+    run.fit(EPOCHS, learn)
+    res["bn"] = {"state": params(learn.model), "valid": run.avg_stats.valid_stats.avg_stats}
 
     # Rank 1 alone fails at step STOP_AT and stays alive: only the group's timeout can free rank 0.
     group = dist.new_group(timeout=timedelta(seconds=FAIL_TIMEOUT_S))
@@ -372,6 +437,55 @@ def test_a_rank_that_fails_does_not_leave_the_others_waiting_forever(job):
     assert fails1["error"] == f"ValueError: stopped at step {STOP_AT}", fails1
     assert fails0["error"] is not None and fails0["is_runtime_error"], fails0
     assert fails0["model_is_given"] and fails1["model_is_given"]
+
+
+def test_training_numbers_count_each_sample_once_when_the_set_is_not_a_multiple_of_the_world_size(job):
+    """5 training samples on 2 ranks: DistributedSampler pads them to 6 (sample 0 twice) so that both
+    ranks take as many steps, and the duplicate does train. It must not be counted: every rank reports
+    5 samples, and (the weights frozen at lr 0) the initial model's loss and accuracy over those 5."""
+    learn = odd_learner()
+    x, y = learn.data.train_ds[:]
+    with torch.no_grad():
+        pred = learn.model(x)
+    whole = torch.tensor([F.cross_entropy(pred, y).item(), accuracy(pred, y).item()])
+    for rank, res in enumerate(job["res"]):
+        assert res["odd"]["count"] == N_ODD, f"rank {rank} counted {res['odd']['count']} of {N_ODD} samples"
+        test_close(torch.tensor(res["odd"]["train"]), whole, rtol=0, atol=1e-6)
+
+
+def test_a_parameter_without_a_gradient_never_leaves_the_ranks_with_different_models(job):
+    """DDP reduces gradients in buckets and waits for every parameter's gradient before reducing one:
+    a layer forward never calls leaves its bucket unreduced, each rank steps with its own gradient, and
+    after one step the ranks hold different weights, silently. minilib sees the missing gradient after
+    backward and raises, naming the parameter and the way out (``find_unused_parameters=True``), with
+    which the ranks end equal."""
+    for rank, res in enumerate(job["res"]):
+        error = res["unused"]["error"]
+        assert error and "unused.weight" in error and "find_unused_parameters" in error, (
+            f"rank {rank}: {error}"
+        )
+    found = [res["unused_found"] for res in job["res"]]
+    assert max_diff(found[0], found[1]) == 0, "with find_unused_parameters=True the ranks differ"
+    assert max_diff(found[0], params(unused_learner().model)) > 1e-3, "nothing trained"
+
+
+def test_with_batchnorm_the_ranks_end_equal_and_report_the_loss_of_the_model_they_hold(job):
+    """BatchNorm's running statistics follow each rank's own batches; DDP copies rank 0's buffers to
+    the others only before each training forward, so after the last training batch the ranks differ,
+    and a validation split across them would mix two models. minilib broadcasts the buffers from rank
+    0 before validating: every rank ends with the same parameters and buffers, and reports that
+    model's loss and accuracy over the whole validation set."""
+    (state0, valid0), (state1, _) = ((res["bn"]["state"], res["bn"]["valid"]) for res in job["res"])
+    assert max_diff(state0, state1) == 0, "the ranks hold different models (buffers or weights)"
+    learn = bn_learner()
+    learn.model.load_state_dict(state0)
+    learn.model.eval()
+    xv, yv = learn.data.valid_ds[:]
+    with torch.no_grad():
+        pred = learn.model(xv)
+    whole = torch.tensor([F.cross_entropy(pred, yv).item(), accuracy(pred, yv).item()])
+    for res in job["res"]:
+        test_close(torch.tensor(res["bn"]["valid"]), whole, rtol=0, atol=1e-6)
 
 
 if __name__ == "__main__":
