@@ -175,11 +175,17 @@ class Kill(Callback):
         self._order = 30 if after_save else 10
         self.armed = False
 
-    def __call__(self, event_name: str):
-        if event_name == self.event and self.run.n_iter == self.n_iter_at:
-            if event_name != "after_batch" or self.run.in_train == self.in_train_at:
-                self.strike()
-        return None
+    def after_batch(self):
+        if (
+            self.event == "after_batch"
+            and self.n_iter == self.n_iter_at
+            and self.in_train == self.in_train_at
+        ):
+            self.strike()
+
+    def after_epoch(self):
+        if self.event == "after_epoch" and self.n_iter == self.n_iter_at:
+            self.strike()
 
     def strike(self) -> None:
         if self.how == "now":
