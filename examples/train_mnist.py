@@ -108,6 +108,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def attempt_store(timeout: timedelta) -> dist.Store:
+    """torchrun's store (its agent hosts it), with this attempt's own key prefix.
+
+    torchrun keeps one store for the whole job, and a worker group restarted by ``--max-restarts`` joins
+    it with the same keys as the group that died (torch 2.13 adds no per-attempt prefix for
+    ``init_process_group``'s ``env://``): a restarted gloo worker could read its dead peer's address,
+    fail with "connectFullMesh ... Connection refused", and the next attempt hang. Seen here, with and
+    without ``--standalone``; prefixing the keys with TORCHELASTIC_RESTART_COUNT keeps attempts apart.
+    """
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def start_processes(plain: bool) -> tuple[int, int, torch.device]:
     """Join torchrun's process group, or make a group of one; the rank, world size and device."""
     if plain:
@@ -117,7 +132,14 @@ def start_processes(plain: bool) -> tuple[int, int, torch.device]:
     if "RANK" in os.environ:  # started by torchrun
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+        backend = "nccl" if cuda else "gloo"
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(
+                backend, store=attempt_store(timeout), rank=rank, world_size=world, timeout=timeout
+            )
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     else:  # plain python: a group of one, in memory
         backend, store = "nccl" if cuda else "gloo", dist.HashStore()
         dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
