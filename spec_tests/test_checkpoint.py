@@ -238,7 +238,8 @@ SCENARIOS: dict[str, dict] = {
 
 def _try(scenario: dict, kill, path: Path, out: Path) -> None:
     """One try, in the forked child: the fit until it dies or ends (then its final state is saved)."""
-    extra = [Kill(kill[0], kill[1], **kill[2])] if kill else [Kill("after_fit", -1)]
+    # Every try has a Kill (one that never strikes on the last): it is in the checkpoint, having a state_dict.
+    extra = [Kill(kill[0], kill[1], **kill[2])] if kill else [Kill("never", -1)]
     learn, run = fit(path, extra=extra, own_generator=scenario.get("own_generator", False))
     state = final_state(learn, run)
     state["ran"] = {"train": run.count_batches.train, "valid": run.count_batches.valid}
@@ -315,7 +316,7 @@ def _ddp_try(rank: int, port: int, kill, path: Path, out: Path) -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=30)
     )
     try:
-        killer = Kill(kill[0], kill[1], **kill[2]) if kill and rank == 1 else Kill("after_fit", -1)
+        killer = Kill(kill[0], kill[1], **kill[2]) if kill and rank == 1 else Kill("never", -1)
         learn, run = fit(path, extra=[killer, DDPCallback()], every_batches=1)
         torch.save(final_state(learn, run), out / f"rank{rank}.pt")
     finally:
