@@ -15,6 +15,16 @@ same validation numbers up to float rounding. ``--bs`` is the GLOBAL batch size,
 processes, so both take the same steps (DDP averages the gradients of the W shares of each batch).
 ``--plain`` trains without torch.distributed at all: the lessons' Runner as it is (a different shuffle).
 
+A job that survives a killed worker: ``--checkpoint PATH`` saves the training state there (rank 0 writes)
+after every epoch and every ``--save-every`` training batches, and a job that finds it resumes from it:
+
+    torchrun --nproc-per-node 2 --max-restarts 3 examples/train_mnist.py --checkpoint ckpt.pt
+
+torchrun restarts every worker when one dies; each reads the same checkpoint and the job ends with the
+parameters an uninterrupted job ends with. ``--die-at-batch N`` makes the demonstration deterministic:
+rank ``--die-rank`` SIGKILLs itself right after training batch N (before any save there), on the first
+attempt only (torchrun's TORCHELASTIC_RESTART_COUNT is 0), as if the machine had killed it.
+
 The defaults are lesson 05's (batch 512, lr 0.3, 3 epochs). At lesson 03's batch 64 and lr 0.5 the
 training is chaotic enough to amplify float rounding into visibly different numbers: there, even ONE
 process ends its first epoch at valid loss 0.566 with one thread and 0.502 with two (measured); two
@@ -29,14 +39,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from minilib.callbacks import AvgStatsCallback, DeviceCallback, ProgressCallback
+from minilib.checkpoint import CheckpointCallback, read_checkpoint
 from minilib.data import DataBunch, Dataset, get_data, get_dls, normalize
 from minilib.distributed import DDPCallback
 from minilib.learner import Callback, Learner, Runner, get_model
@@ -60,6 +73,22 @@ class TrainTimer(Callback):
         self.seconds += time.perf_counter() - self._start
 
 
+class DieAt(Callback):
+    """SIGKILL this process right after training batch ``n_iter`` (counted over the fit), before any save
+    there, if it is rank ``rank`` on the job's first attempt: the README's worker killed mid-epoch."""
+
+    _order = 10  # before CheckpointCallback (20): the batch is done, its save never happens
+
+    def __init__(self, n_iter: int, rank: int, my_rank: int):
+        self.at, self.rank, self.my_rank = n_iter, rank, my_rank
+
+    def after_batch(self):
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if self.in_train and self.n_iter == self.at and first_attempt and self.my_rank == self.rank:
+            print(f"rank {self.rank}: killing myself (SIGKILL) after training batch {self.at}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=3)
@@ -71,7 +100,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plain", action="store_true", help="no torch.distributed: the lessons' Runner alone")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores / W)")
     p.add_argument("--json", default=None, help="write rank 0's results to this file")
+    p.add_argument("--checkpoint", default=None, help="save the training state here; resume from it if there")
+    p.add_argument("--save-every", type=int, default=5, help="with --checkpoint: also save every N batches")
+    p.add_argument("--die-at-batch", type=int, default=None, help="demo: SIGKILL after this training batch")
+    p.add_argument("--die-rank", type=int, default=1, help="demo: which rank --die-at-batch kills")
+    p.add_argument("--save-model", default=None, help="write rank 0's final model state_dict to this file")
     return p.parse_args(argv)
+
+
+def attempt_store(timeout: timedelta) -> dist.Store:
+    """torchrun's store (its agent hosts it), with this attempt's own key prefix.
+
+    torchrun keeps one store for the whole job, and a worker group restarted by ``--max-restarts`` joins
+    it with the same keys as the group that died (torch 2.13 adds no per-attempt prefix for
+    ``init_process_group``'s ``env://``): a restarted gloo worker could read its dead peer's address,
+    fail with "connectFullMesh ... Connection refused", and the next attempt hang. Seen here, with and
+    without ``--standalone``; prefixing the keys with TORCHELASTIC_RESTART_COUNT keeps attempts apart.
+    """
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def start_processes(plain: bool) -> tuple[int, int, torch.device]:
@@ -83,7 +132,14 @@ def start_processes(plain: bool) -> tuple[int, int, torch.device]:
     if "RANK" in os.environ:  # started by torchrun
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+        backend = "nccl" if cuda else "gloo"
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(
+                backend, store=attempt_store(timeout), rank=rank, world_size=world, timeout=timeout
+            )
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     else:  # plain python: a group of one, in memory
         backend, store = "nccl" if cuda else "gloo", dist.HashStore()
         dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
@@ -114,6 +170,13 @@ def main(argv=None) -> dict:
         cbs.append(DeviceCallback(device))
     if not args.plain:
         cbs.append(DDPCallback(seed=args.seed))
+    if args.checkpoint:
+        cbs.append(CheckpointCallback(args.checkpoint, every_batches=args.save_every))
+        if rank == 0 and Path(args.checkpoint).exists():
+            pos = read_checkpoint(args.checkpoint)["position"]
+            print(f"resuming from {args.checkpoint}: epoch {pos['epoch']}, batch {pos['batch']}", flush=True)
+    if args.die_at_batch is not None:
+        cbs.append(DieAt(args.die_at_batch, args.die_rank, rank))
     run = Runner(cbs)
     run.fit(args.epochs, learn)
 
@@ -142,6 +205,8 @@ def main(argv=None) -> dict:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
+        if args.save_model:
+            torch.save(learn.model.state_dict(), args.save_model)
     if dist.is_initialized():
         dist.destroy_process_group()
     return result

@@ -1388,6 +1388,51 @@ BAD += [
     ),
 ]
 
+# ------------------------------------------------------------------------ minilib.checkpoint
+# checkpoint (its own import here, for the merge; the lead may move it to the block at the top)
+from minilib.checkpoint import CheckpointCallback  # noqa: E402
+
+_NO_FOLDER = os.path.join(tempfile.gettempdir(), "minilib-no-such-folder", "ckpt.pt")
+
+BAD += [
+    Bad(
+        "CheckpointCallback: path an int",
+        lambda: CheckpointCallback(3),
+        TypeError,
+        r"CheckpointCallback: path",
+    ),
+    Bad(
+        "CheckpointCallback: path in a folder that does not exist",
+        lambda: CheckpointCallback(_NO_FOLDER),
+        ValueError,
+        r"CheckpointCallback: path must be a file in an existing folder",
+    ),
+    Bad(
+        "CheckpointCallback: path a folder",
+        lambda: CheckpointCallback(tempfile.gettempdir()),
+        ValueError,
+        r"CheckpointCallback: path must be a file name, not a folder",
+    ),
+    Bad(
+        "CheckpointCallback: every_batches 0",
+        lambda: CheckpointCallback("ckpt.pt", every_batches=0),
+        ValueError,
+        r"CheckpointCallback: every_batches must be an int >= 1",
+    ),
+    Bad(
+        "CheckpointCallback: every_batches True",
+        lambda: CheckpointCallback("ckpt.pt", every_batches=True),
+        TypeError,
+        r"every_batches",
+    ),
+    Bad(
+        "CheckpointCallback: resume 'yes'",
+        lambda: CheckpointCallback("ckpt.pt", resume="yes"),
+        TypeError,
+        r"CheckpointCallback: resume must be True or False",
+    ),
+]
+
 # ------------------------------------------------------------------------ the claims over both tables
 
 
