@@ -22,9 +22,9 @@ def install(session: nox.Session, extras: str) -> None:
 def tests(session: nox.Session) -> None:
     """Run the spec tests, the docs generator's fast check and one untimed pass of the benchmarks.
 
-    The spec: one file per notebook, plus contracts, data, kernels and a two-process DDP job; the docs
-    check builds a site from a tiny fake spec; the benchmarks run once on tiny sizes so the harness
-    cannot rot."""
+    The spec: one file per notebook, plus contracts, data, kernels, checkpoints and a two-process DDP
+    job; the docs check builds a site from a tiny fake spec; the benchmarks run once on tiny sizes so
+    the harness cannot rot."""
     install(session, "test,triton,docs")  # docs: docs/test_generator.py builds a tiny fake site
     session.run(
         "pytest",
@@ -36,7 +36,8 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Time the matmuls, the losses (fused and linear) and DDP; write bench-results/ (JSON, report, charts).
+    """Time the matmuls, the losses (fused and linear), BatchNorm, convolutions, a training step, checkpoint
+    saves and DDP; write bench-results/ (JSON, report, charts).
 
     `nox -s bench -- --quick` runs the reduced set (well under 3 minutes on 2 cores). Other arguments go to
     pytest: `nox -s bench -- --quick --benchmark-save=before`, later `... --benchmark-compare=0001`.
@@ -77,8 +78,8 @@ def docs(session: nox.Session) -> None:
 
     One page per spec file: its story, each claim with its result in this run, its figures and its
     source; an index with the counts and the benchmark report when bench-results/ holds one; the
-    README's learners' questions linked to their claims. Then headless Chromium (Debian's `chromium`;
-    skipped with the reason where it is missing) opens every page and saves screenshots in
+    learners' questions (docs/questions.toml) linked to their claims. Then headless Chromium (Debian's
+    `chromium`; skipped with the reason where it is missing) opens every page and saves screenshots in
     site/_screenshots/. Arguments after `--` go to the spec's pytest run, e.g. `-- -k anneal`.
     """
     install(session, "test,triton,docs,docs-browser")
