@@ -1,4 +1,4 @@
-"""Lessons 02b and 03 as pictures: figures a learner would rather look at than read.
+"""Lessons 02b, 03 and 07a as pictures: figures a learner would rather look at than read.
 
 Every function returns a ``matplotlib.figure.Figure`` built directly (no pyplot): nothing is shown,
 no global backend is chosen and no figure is left registered with pyplot, so they are safe in tests
@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from minilib.init import deep_matmul_stds
 from minilib.loss import softmax
 
-__all__ = ["LESSON_SCALINGS", "activation_std_figure", "softmax_nll_figure"]
+__all__ = ["LESSON_SCALINGS", "activation_std_figure", "softmax_nll_figure", "layer_stats_figure"]
 
 # Lesson 02b's three scalings of a 512x512 random matrix, in the order the lesson tries them.
 LESSON_SCALINGS: dict[str, float] = {
@@ -87,5 +87,27 @@ def softmax_nll_figure(n_classes: int = 10, logits=None) -> Figure:
     right.set_xlabel("p (probability given to the right class)")
     right.set_ylabel("-log(p)")
     right.set_title("negative log likelihood")
+    fig.tight_layout()
+    return fig
+
+
+def layer_stats_figure(stats_by_stage: Mapping[str, Sequence[tuple[float, float]]]) -> Figure:
+    """Lesson 07a's before and after: each layer's output mean (left) and std (right), one group of bars
+    per layer, one bar per stage (``{"init_cnn": [(mean, std), ...], "after LSUV": [...]}``). LSUV's
+    goal is drawn as lines: std 1, mean 0."""
+    if len(stats_by_stage) == 0:
+        raise ValueError("layer_stats_figure: stats_by_stage must name at least one stage, got none")
+    fig = Figure(figsize=(9, 3.5))
+    axes = fig.subplots(1, 2)
+    width = 0.8 / len(stats_by_stage)
+    for k, (stage, stats) in enumerate(stats_by_stage.items()):
+        xs = [i + (k - (len(stats_by_stage) - 1) / 2) * width for i in range(len(stats))]
+        for ax, values in zip(axes, zip(*stats, strict=True), strict=True):
+            ax.bar(xs, values, width, label=stage)
+    for ax, what, goal in zip(axes, ("mean", "std"), (0.0, 1.0), strict=True):
+        ax.axhline(goal, color="grey", linewidth=0.5)
+        ax.set_xlabel("layer")
+        ax.set_title(f"output {what} of each layer")
+    axes[0].legend()
     fig.tight_layout()
     return fig

@@ -21,6 +21,7 @@ from torch import nn
 from minilib.callbacks import AvgStatsCallback
 from minilib.cnn import BatchTransformXCallback, GeneralRelu, get_learn_run, mnist_view, normalize_to
 from minilib.data import DataBunch, Dataset, get_dls
+from minilib.figures import layer_stats_figure
 from minilib.hooks import Hook, Hooks, append_stats
 from minilib.loss import accuracy
 from minilib.lsuv import ConvLayer, find_modules, get_batch, is_lin_layer, lsuv_init, lsuv_module
@@ -138,7 +139,8 @@ def test_the_notebooks_exported_lsuv_module_cannot_run():
 
 def test_lsuv_brings_every_conv_layers_output_std_to_one(mnist):
     """``lsuv_init`` fixes the five ConvLayers in order on one batch; measured afterwards by fresh hooks,
-    each output's std is 1 within the tolerance 1e-3 (init_cnn alone leaves them at 0.5-1.7)."""
+    each output's std is 1 within the tolerance 1e-3 (init_cnn alone leaves them at 0.5-1.7). The figure
+    shows each layer's mean and std before and after."""
     learn, run = learn_run(mnist)
     xb, _ = get_batch(learn.data.train_dl, run)
     layers = conv_layers(learn.model)
@@ -150,6 +152,9 @@ def test_lsuv_brings_every_conv_layers_output_std_to_one(mnist):
         assert (
             abs(std - 1) < 1e-3 and s2 == pytest.approx(std, abs=1e-5) and m2 == pytest.approx(mean, abs=1e-5)
         )
+    fig = layer_stats_figure({"init_cnn": before, "after LSUV": after})  # the lesson's before and after
+    stds_drawn = [bar.get_height() for bar in fig.axes[1].patches]
+    assert stds_drawn == pytest.approx([s for _, s in before + after]), "the figure draws the measured stds"
 
 
 def test_lsuv_leaves_the_means_off_zero_because_the_std_loop_rescales_what_the_mean_loop_centred(mnist):
