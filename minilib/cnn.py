@@ -23,6 +23,7 @@ Where minilib departs from the notebook:
 from __future__ import annotations
 
 import inspect
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -71,8 +72,7 @@ class Lambda(nn.Module):
     def forward(self, x):
         return self.func(x)
 
-    def extra_repr(self) -> str:
-        return getattr(self.func, "__name__", repr(self.func))
+    # No extra_repr: the notebook's printed model shows ``Lambda()``, and get_cnn_model prints the same.
 
 
 def flatten(x: torch.Tensor) -> torch.Tensor:
@@ -102,12 +102,20 @@ mnist_view = view_tfm(1, 28, 28)
 class CudaCallback(Callback):
     """Moves the model to ``device`` when the fit begins, and every batch as it begins.
 
+    ``device``: ``"cuda"``, ``"cuda:1"``, an index (CUDA device n, as ``torch.device(n)``), ``"cpu"``...
     The optimizer keeps working: ``Module.to`` moves the parameters in place. Asked for CUDA where there
     is none, it says so at ``begin_fit``, before a single batch (not inside ``.cuda()`` mid-way).
     """
 
     def __init__(self, device="cuda"):
-        self.device = torch.device(device)
+        if isinstance(device, int) and not isinstance(device, bool):
+            device = torch.device("cuda", device)  # an index means a CUDA device: checked at begin_fit
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as e:  # torch's own message does not say which argument
+            error = TypeError if isinstance(e, TypeError) else ValueError
+            want = "a device such as 'cuda', 'cuda:1' or 'cpu'"
+            contract.fail("CudaCallback", "device", want, contract.describe(device), error)
 
     def begin_fit(self):
         if self.device.type == "cuda":
@@ -182,6 +190,8 @@ def _is_batch_norm(norm) -> bool:
     """A norm over the batch, per channel: it subtracts each channel's mean, so a conv bias before it
     would be cancelled. PyTorch's ``_BatchNorm`` family, or a class named so (``BatchNorm``,
     ``RunningBatchNorm``, ``FusedBatchNorm2d``)."""
+    while isinstance(norm, partial):  # partial(nn.BatchNorm2d, momentum=0.01) is a batch norm too
+        norm = norm.func
     cls = norm if isinstance(norm, type) else type(norm)
     return issubclass(cls, nn.modules.batchnorm._BatchNorm) or "BatchNorm" in cls.__name__
 
@@ -201,9 +211,10 @@ def conv_layer(
     """07's layer: ``Conv2d`` (no bias before a batch norm), ``GeneralRelu(**kwargs)``, ``norm`` if ``bn``.
 
     The norm comes after the activation, as in nb_07. ``norm`` is a class (``nn.BatchNorm2d``, minilib's
-    ``BatchNorm``, ``LayerNorm``, ``InstanceNorm``, ``RunningBatchNorm``, ``FusedBatchNorm2d``...): built
-    as ``norm(nf)``, or ``norm()`` when it takes no size. A batch norm subtracts every channel's mean, so
-    the conv's bias would be wasted; the others keep it, as the notebook's ``conv_ln``/``conv_in`` do.
+    ``BatchNorm``, ``LayerNorm``, ``InstanceNorm``, ``RunningBatchNorm``, ``FusedBatchNorm2d``...) or a
+    ``partial`` of one: built as ``norm(nf)``, or ``norm()`` when it takes no size. A batch norm subtracts
+    every channel's mean, so the conv's bias would be wasted; the others keep it, as the notebook's
+    ``conv_ln``/``conv_in`` do.
     """
     contract.positive_int("conv_layer", ni=ni, nf=nf, ks=ks, stride=stride)
     if bn and not callable(norm):
@@ -251,13 +262,18 @@ def get_cnn_model(data, nfs, layer=conv2d, **kwargs) -> nn.Sequential:
 
 def get_runner(model, data, lr=0.6, cbs=None, opt_func=None, loss_func=F.cross_entropy):
     """``(Learner, Runner)`` for ``model`` on ``data``: ``opt_func(model.parameters(), lr=lr)`` (SGD by
-    default). ``cbs`` are callback classes or factories (the notebook's ``cbfs``), or Callback instances."""
+    default). ``cbs`` are callback classes or factories (the notebook's ``cbfs``), or Callback instances,
+    built in the order given (the Runner keeps that order among callbacks of equal ``_order``)."""
     contract.finite_number("get_runner", positive=True, lr=lr)
     opt = (opt_func or optim.SGD)(model.parameters(), lr=lr)
     learn = Learner(model, opt, loss_func, data)
-    cbs = listify(cbs)
-    instances = [cb for cb in cbs if isinstance(cb, Callback)]
-    return learn, Runner(cbs=instances, cb_funcs=[cb for cb in cbs if not isinstance(cb, Callback)])
+    built = []
+    for i, cb in enumerate(listify(cbs)):  # in the order given: the Runner keeps it among equal _orders
+        if not (isinstance(cb, Callback) or callable(cb)):
+            want = "a Callback class, a factory or a Callback instance"
+            contract.fail("get_runner", f"cbs[{i}]", want, cb, TypeError)
+        built.append(cb if isinstance(cb, Callback) else cb())
+    return learn, Runner(cbs=built)
 
 
 def get_learn_run(nfs, data, lr, layer=conv_layer, cbs=None, opt_func=None, uniform=False, **kwargs):

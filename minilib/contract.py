@@ -109,7 +109,7 @@ def positive_int(fname: str, minimum: int = 1, **named: Any) -> int:
     value = 0
     for arg, value in named.items():
         if isinstance(value, bool) or not isinstance(value, Integral):
-            fail(fname, arg, f"an int >= {minimum}", value, TypeError)
+            fail(fname, arg, f"an int >= {minimum}", describe(value), TypeError)  # a str too, quoted
         if value < minimum:
             fail(fname, arg, f"an int >= {minimum}", value)
     return int(value)
@@ -124,7 +124,7 @@ def finite_number(
     for arg, given in named.items():
         value = given.item() if isinstance(given, torch.Tensor) and given.numel() == 1 else given
         if isinstance(value, bool) or not isinstance(value, Real):
-            fail(fname, arg, "a real number", given, TypeError)
+            fail(fname, arg, "a real number", describe(given), TypeError)  # a str too, quoted
         if not math.isfinite(value) or (positive and not value > 0):
             fail(fname, arg, "a finite number" + (" > 0" if positive else ""), value)
         if within is not None and not within[0] <= value <= within[1]:
@@ -302,3 +302,30 @@ def regression(fname: str, **output_targ: torch.Tensor) -> None:
     if t.shape not in (o.shape[:1], (o.shape[0], 1)):
         fail(fname, tn, f"[N] with one target per row of {on} ({on} is {shape(o)})", t)
     same_device(fname, **output_targ)
+
+
+# ------------------------------------------------------------------ modules (lesson 10's hooks and LSUV)
+
+__all__ += ["module", "part_of"]
+
+
+def module(fname: str, **named: Any) -> None:
+    """Each value is an ``nn.Module`` (TypeError otherwise)."""
+    for arg, m in named.items():
+        if not isinstance(m, torch.nn.Module):
+            fail(fname, arg, "an nn.Module", describe(m), TypeError)
+
+
+def part_of(fname: str, arg: str, m: Any, whole_arg: str, whole: Any, having: Iterable[str] = ()) -> None:
+    """``m`` is a module inside ``whole`` (one of ``whole.modules()``, by identity) whose attributes
+    ``having`` are set (not None): a layer to hook and change in place must be one that ``whole`` runs."""
+    module(fname, **{whole_arg: whole, arg: m})
+    having = list(having)
+    missing = [a for a in having if getattr(m, a, None) is None]
+    if missing:
+        want = "a layer with a " + " and a ".join(having)
+        fail(fname, arg, want, f"a {type(m).__name__} without {' or '.join(missing)}", TypeError)
+    if not any(mod is m for mod in whole.modules()):
+        fail(
+            fname, arg, f"a module of {whole_arg}", f"a {type(m).__name__} that {whole_arg} does not contain"
+        )

@@ -124,9 +124,11 @@ class Hooks(ListContainer):
     """
 
     def __init__(self, ms, f):
-        modules = (
+        modules = list(
             [ms] if isinstance(ms, nn.Module) and not isinstance(ms, (nn.Sequential, nn.ModuleList)) else ms
         )
+        # All checked before any is hooked: a Hooks that failed half-way would leave hooks nobody can remove.
+        contract.module("Hooks", **{f"ms[{i}]": m for i, m in enumerate(modules)})
         super().__init__([Hook(m, f) for m in modules])
 
     def __enter__(self):
@@ -144,7 +146,7 @@ class Hooks(ListContainer):
         super().__delitem__(i)
 
     def remove(self) -> None:
-        for h in self.items:
+        for h in getattr(self, "items", ()):  # () when __init__ failed: __del__ still runs then
             h.remove()
 
     def __repr__(self) -> str:
@@ -182,17 +184,17 @@ def append_stats(hook, mod, inp, outp) -> None:
     hists.append(d.float().histc(40, *hook.hist_range).cpu())
 
 
-def _hists(h) -> torch.Tensor:
+def _hists(fname: str, h) -> torch.Tensor:
     hists = getattr(h, "stats", ([], [], []))[2]
     if not hists:
-        contract.fail("get_hist", "h", "a hook that has recorded at least one batch (append_stats)", h)
+        contract.fail(fname, "h", "a hook that has recorded at least one batch (append_stats)", h)
     return torch.stack(hists).t().float()  # bins x batches
 
 
 def get_hist(h) -> torch.Tensor:
     """The colorful dimension: the hook's histograms as an image, bins (rows) x batches (columns),
     as ``log1p`` of the counts (a few huge bins would otherwise hide the rest)."""
-    return _hists(h).log1p()
+    return _hists("get_hist", h).log1p()
 
 
 def get_min(h) -> torch.Tensor:
@@ -201,7 +203,7 @@ def get_min(h) -> torch.Tensor:
 
     A ReLU unit stuck at 0 lands there; a high share means many units do nothing. (With ``sub`` the dead
     units sit at ``-sub``: at -0.4 that is bin 18, which the notebook's 19-21 miss.)"""
-    h1 = _hists(h)
+    h1 = _hists("get_min", h)
     lo, hi = (19, 22) if tuple(getattr(h, "hist_range", (0.0, 10.0))) == (-7.0, 7.0) else (0, 2)
     return h1[lo:hi].sum(0) / h1.sum(0).clamp_min(1)
 

@@ -14,7 +14,8 @@ Where minilib departs from the notebook:
 - Both loops run under ``no_grad`` and are bounded by ``max_iters``: a layer that does not converge is a
   RuntimeError naming it, the loop and the last value (the notebook's ``while`` could spin forever), and
   a statistic that is not finite, or a std of 0 (dividing the weight by it would give inf), is a
-  RuntimeError at once. The hook is removed however the function ends.
+  RuntimeError at once. The hook is removed however the function ends. A layer outside ``model``, or
+  without a weight and a bias, is refused before anything is hooked or changed.
 - ``get_batch`` takes a batch without touching the DataLoader's other batches and leaves the runner's
   callbacks ready for a fit (as the notebook's, it sets ``run.xb``/``run.yb`` and calls ``begin_batch``).
 """
@@ -43,6 +44,7 @@ class ConvLayer(nn.Module):
     def __init__(self, ni: int, nf: int, ks: int = 3, stride: int = 2, sub: float = 0.0, **kwargs):
         super().__init__()
         contract.positive_int("ConvLayer", ni=ni, nf=nf, ks=ks, stride=stride)
+        contract.finite_number("ConvLayer", sub=sub)  # not None: ``bias`` is ``-sub``
         self.conv = nn.Conv2d(ni, nf, ks, padding=ks // 2, stride=stride, bias=True)
         self.relu = GeneralRelu(sub=sub, **kwargs)
 
@@ -121,6 +123,7 @@ def lsuv_module(model: nn.Module, m: nn.Module, xb: torch.Tensor, *, tol: float 
     """
     tol = contract.finite_number("lsuv_module", positive=True, tol=tol)
     contract.positive_int("lsuv_module", max_iters=max_iters)
+    contract.part_of("lsuv_module", "m", m, "model", model, having=("weight", "bias"))  # before any change
     h = Hook(m, _record)
     try:
         with torch.no_grad():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 import weakref
 from functools import partial
 
@@ -168,6 +169,41 @@ def test_get_cnn_model_with_8_16_32_32_is_the_notebooks_model(mnist):
     assert len(get_cnn_layers(data, NFS, conv2d)) == 7 and children(model) == list(model)
 
 
+# The notebook's printed model (06, cell ``model``), as torch prints it: its Lambda shows nothing.
+NOTEBOOK_MODEL = """Sequential(
+  (0): Sequential(
+    (0): Conv2d(1, 8, kernel_size=(5, 5), stride=(2, 2), padding=(2, 2))
+    (1): ReLU()
+  )
+  (1): Sequential(
+    (0): Conv2d(8, 16, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1))
+    (1): ReLU()
+  )
+  (2): Sequential(
+    (0): Conv2d(16, 32, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1))
+    (1): ReLU()
+  )
+  (3): Sequential(
+    (0): Conv2d(32, 32, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1))
+    (1): ReLU()
+  )
+  (4): AdaptiveAvgPool2d(output_size=1)
+  (5): Lambda()
+  (6): Linear(in_features=32, out_features=10, bias=True)
+)"""
+
+
+def test_get_cnn_model_prints_as_the_notebooks_model(mnist):
+    """A learner compares what they built with the notebook's output: ``get_cnn_model(data, [8, 16, 32,
+    32], conv2d)`` prints line for line as the notebook's ``model`` cell, ``Lambda()`` included (a Lambda
+    that printed its function would differ from the lesson on that line)."""
+    data = databunch(mnist, 64)
+    for model in (get_cnn_model(data, NFS), get_cnn_model(data, NFS, conv2d)):
+        got, want = str(model).splitlines(), NOTEBOOK_MODEL.splitlines()
+        diff = [(i, g, w) for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w]
+        assert not diff, f"lines that differ from the notebook's (line, got, notebook): {diff}"
+
+
 def test_batch_transform_callback_views_each_batch_before_the_model_sees_it(mnist):
     """``BatchTransformXCallback(mnist_view)`` (``_order`` 2) replaces ``run.xb`` in ``begin_batch``, for
     training and validation batches alike: the model is given images without a Lambda layer of its own."""
@@ -215,6 +251,46 @@ def test_cuda_callback_without_cuda_fails_at_begin_fit_before_any_batch(mnist):
     learn, run = get_runner(get_cnn_model(tiny, NFS), tiny, cbs=callbacks() + [partial(CudaCallback, "cpu")])
     run.fit(1, learn)
     assert run.cuda.device == torch.device("cpu") and run.avg_stats.train_stats.count == 64
+
+
+def test_cuda_callback_given_a_cuda_index_also_fails_at_begin_fit_not_when_it_is_built(mnist):
+    """``CudaCallback(0)`` asks for CUDA device 0, as ``torch.device(0)`` does: without CUDA, building the
+    callback must not fail (torch's own "Cannot access accelerator device" came out of ``__init__``,
+    before any Runner existed); the RuntimeError saying so comes at ``begin_fit``, as for ``"cuda"``."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the callback would move the model there")
+    cb = CudaCallback(0)
+    assert cb.device == torch.device("cuda", 0)
+    data = databunch(mnist, 64)
+    learn, run = get_runner(get_cnn_model(data, NFS), data, cbs=callbacks() + [cb])
+    with pytest.raises(RuntimeError, match=r"CudaCallback: device cuda:0 .*0 CUDA device"):
+        run.fit(1, learn)
+    assert run.avg_stats.train_stats.count == 0  # not a single batch ran
+
+
+def test_get_runner_keeps_the_callbacks_in_the_order_given_whether_classes_factories_or_instances():
+    """The Runner calls callbacks of the same ``_order`` in the order they were given. ``get_runner``
+    takes classes, factories (``partial``) and instances in one list, so it must build them in that
+    order: a Callback instance listed after a class must not jump ahead of it."""
+    events = []
+
+    class First(Callback):
+        def begin_fit(self):
+            events.append("first")
+
+    class Second(Callback):
+        def begin_fit(self):
+            events.append("second")
+
+    class Third(Callback):
+        def begin_fit(self):
+            events.append("third")
+
+    tiny = DataBunch(*[TorchDataLoader(Dataset(torch.randn(4, 2), torch.zeros(4).long()), batch_size=2)] * 2)
+    learn, run = get_runner(nn.Linear(2, 2), tiny, cbs=[First, Second(), partial(Third)])
+    assert [type(cb).__name__ for cb in run.cbs] == ["TrainEvalCallback", "First", "Second", "Third"]
+    run.fit(1, learn)
+    assert events == ["first", "second", "third"]
 
 
 def test_kaiming_init_raises_the_first_layers_output_std_towards_one(mnist):
@@ -282,6 +358,23 @@ def test_hooks_are_removed_when_the_with_block_ends_also_by_an_exception():
     with pytest.raises(RuntimeError), Hooks(model, append_stats):
         model(torch.randn(2, 5))  # wrong width: the first Linear raises
     assert [len(m._forward_hooks) for m in model] == [0, 0, 0]
+
+
+def test_hooks_given_something_that_is_not_a_module_fail_before_hooking_any():
+    """``Hooks([layer, "relu"], f)`` is a TypeError naming the entry; it must not first have hooked
+    ``layer`` (nothing could remove that hook: the Hooks object was never returned), nor complain from
+    ``__del__`` about a container it never finished building."""
+    layer = nn.Linear(3, 2)
+    unraisable = []
+    old_hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        with pytest.raises(TypeError, match=r"Hooks: ms\[1\] must be an nn.Module"):
+            Hooks([layer, "relu"], append_stats)
+        gc.collect()
+    finally:
+        sys.unraisablehook = old_hook
+    assert len(layer._forward_hooks) == 0, "a hook was left on the first module"
+    assert not unraisable, [u.exc_value for u in unraisable]
 
 
 def test_hooks_keep_no_activations_alive():

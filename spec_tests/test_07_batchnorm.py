@@ -200,6 +200,21 @@ def test_conv_layer_puts_the_norm_after_the_activation_and_keeps_the_conv_bias_o
         assert isinstance(layer[2], norm) and layer[0].kernel_size == (5, 5) and layer[1].sub == 0.4
 
 
+def test_conv_layer_given_a_partial_of_a_batch_norm_drops_the_conv_bias_as_for_the_class():
+    """A batch norm with other settings is most easily passed as ``partial(nn.BatchNorm2d, momentum=0.01)``
+    (or ``partial(BatchNorm, mom=0.2)``): it is still a batch norm, which cancels a conv bias, so the
+    conv has none, as with the bare class; a partial of ``LayerNorm`` keeps it and is built without nf."""
+    for norm, has_bias in (
+        (partial(nn.BatchNorm2d, momentum=0.01), False),
+        (partial(BatchNorm, mom=0.2), False),
+        (partial(LayerNorm, eps=1e-3), True),
+    ):
+        layer = conv_layer(3, 8, norm=norm)
+        assert (layer[0].bias is not None) == has_bias, f"{norm}: conv bias {layer[0].bias is not None}"
+        assert isinstance(layer[2], norm.func) and layer(torch.randn(2, 3, 8, 8)).shape == (2, 8, 4, 4)
+    assert conv_layer(3, 8, norm=partial(nn.BatchNorm2d, momentum=0.01))[2].momentum == 0.01
+
+
 def test_with_batchnorm_the_cnn_trains_at_a_learning_rate_where_without_it_diverges(mnist):
     """The reason for the lesson. Lesson 06's CNN (init_cnn, ReLU) for one epoch at bs 128 and lr 2.0:
     without a norm the loss goes to NaN or the model barely learns (measured over seeds 0, 1, 2, 3, 5,
