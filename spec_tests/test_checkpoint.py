@@ -660,6 +660,12 @@ def _other_architecture(path: Path, ckpt: dict) -> None:
     torch.save(ckpt, path)
 
 
+def _other_optimizer(path: Path, ckpt: dict) -> None:
+    learn = make_learner()
+    ckpt["optimizer"] = optim.Adam(learn.model.parameters()).state_dict()  # the run's is SGD with momentum
+    torch.save(ckpt, path)
+
+
 def _missing_layer(path: Path, ckpt: dict) -> None:
     del ckpt["model"]["1.running_var"]
     torch.save(ckpt, path)
@@ -692,6 +698,11 @@ REFUSALS = [
         r"model key '0\.weight': shape 17x6 in the checkpoint, 16x6",
     ),
     ("a missing buffer", _missing_layer, r"model key '1\.running_var' is not in the checkpoint"),
+    (
+        "another optimizer",
+        _other_optimizer,
+        r"group 0: hyperparameter 'dampening' is the run's, not the checkpoint's",
+    ),
     ("a truncated file", _truncated, r"ckpt\.pt is not a checkpoint that can be read safely"),
     ("a corrupt file", _corrupt, r"ckpt\.pt is not a checkpoint that can be read safely"),
     ("a file with code in it", _code, r"ckpt\.pt is not a checkpoint that can be read safely.*weights_only"),
