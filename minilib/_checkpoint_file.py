@@ -31,7 +31,8 @@ def temp_files(path: str | os.PathLike) -> list[Path]:
     with os.scandir(path.parent) as entries:
         for e in entries:
             middle = e.name[len(prefix) : -len(".tmp")]
-            if e.name.startswith(prefix) and e.name.endswith(".tmp") and _TEMP_RANDOM.fullmatch(middle):
+            ours = e.name.startswith(prefix) and e.name.endswith(".tmp") and _TEMP_RANDOM.fullmatch(middle)
+            if ours and not e.is_dir(follow_symlinks=False):  # a save writes files; a folder is someone's
                 found.append(Path(e.path))
     return sorted(found)
 

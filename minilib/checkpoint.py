@@ -146,6 +146,15 @@ def optimizer_difference(opt: torch.optim.Optimizer, saved: dict) -> str | None:
         if len(sg["params"]) != len(g["params"]):
             n, n_saved = len(g["params"]), len(sg["params"])
             return f"optimizer param group {i} has {n} parameters, the checkpoint {n_saved}"
+        # Another kind of optimizer (SGD's state in an Adam): loading would replace the group's
+        # hyperparameters by ones its step does not know, and the fit would fail later, already changed.
+        ours, theirs = g.keys() - {"params"}, sg.keys() - {"params"}
+        if ours != theirs:
+            key = min(ours - theirs or theirs - ours)
+            whose = "the run's, not the checkpoint's" if key in ours else "the checkpoint's, not the run's"
+            return (
+                f"optimizer param group {i}: hyperparameter {key!r} is {whose} (saved by another optimizer?)"
+            )
         params += list(zip(sg["params"], g["params"], strict=True))
     for saved_id, p in params:
         for k, v in saved.get("state", {}).get(saved_id, {}).items():

@@ -100,6 +100,9 @@ def _loader_spec(dl, which: str) -> tuple[int, bool, dict]:
     )
 
 
+_ONE_PER_RUNNER = "one DDPCallback per Runner (a second would wrap the wrapped model and shard the shards)"
+
+
 class DDPCallback(Callback):
     """Data-parallel training on every process of the default process group; see the module docstring.
 
@@ -130,8 +133,7 @@ class DDPCallback(Callback):
 
     def set_runner(self, run) -> None:
         if any(isinstance(cb, DDPCallback) and cb is not self for cb in run.cbs):
-            why = "one DDPCallback per Runner (a second would wrap the wrapped model and shard the shards)"
-            contract.fail("Runner", "cbs", why, "a second DDPCallback")
+            contract.fail("Runner", "cbs", _ONE_PER_RUNNER, "a second DDPCallback")
         super().set_runner(run)
 
     def _reset(self) -> None:
@@ -145,6 +147,9 @@ class DDPCallback(Callback):
     # ---- begin_fit: check, wrap, shard, silence
 
     def begin_fit(self):
+        # The same instance twice joins unnoticed (it is not "another" one); it would begin the fit twice.
+        if sum(cb is self for cb in self.run.cbs) > 1:
+            contract.fail("Runner", "cbs", _ONE_PER_RUNNER, "the same DDPCallback twice")
         learn = self.run.learn
         specs = {which: _loader_spec(getattr(learn.data, which), which) for which in ("train_dl", "valid_dl")}
         if not (dist.is_available() and dist.is_initialized()):

@@ -614,7 +614,8 @@ def test_resume_false_starts_over_and_overwrites_the_checkpoint(tmp_path):
 def test_a_save_removes_only_the_temporary_files_of_its_own_pattern(tmp_path):
     """``.<name>.<16 hex>.tmp`` beside ``path`` is a save to ``path`` that was killed; anything else is
     someone else's: another checkpoint's temporary files (``.ckpt.pt.x.<hex>.tmp`` belongs to
-    ``ckpt.pt.x``), a backup, a file that merely looks alike."""
+    ``ckpt.pt.x``), a backup, a file that merely looks alike, a folder named like a temporary file
+    (left alone: the save neither removes it nor fails on it)."""
     path = tmp_path / "ckpt.pt"
     stale = tmp_path / ".ckpt.pt.0123456789abcdef.tmp"
     others = [
@@ -627,8 +628,10 @@ def test_a_save_removes_only_the_temporary_files_of_its_own_pattern(tmp_path):
     ]
     for name in [stale.name, *others]:
         (tmp_path / name).write_bytes(b"x")
+    folder = tmp_path / ".ckpt.pt.fedcba9876543210.tmp"  # named like one, but a folder: not a file of ours
+    folder.mkdir()
     atomic_save({"a": torch.ones(3)}, path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, *others])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, *others, folder.name])
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))
 
 
@@ -657,6 +660,12 @@ def _other_architecture(path: Path, ckpt: dict) -> None:
     learn = make_learner()
     learn.model[0] = nn.Linear(N_IN, NH + 1)  # a different hidden size: 17 x 6 where the run has 16 x 6
     ckpt["model"] = learn.model.state_dict()
+    torch.save(ckpt, path)
+
+
+def _other_optimizer(path: Path, ckpt: dict) -> None:
+    learn = make_learner()
+    ckpt["optimizer"] = optim.Adam(learn.model.parameters()).state_dict()  # the run's is SGD with momentum
     torch.save(ckpt, path)
 
 
@@ -692,6 +701,11 @@ REFUSALS = [
         r"model key '0\.weight': shape 17x6 in the checkpoint, 16x6",
     ),
     ("a missing buffer", _missing_layer, r"model key '1\.running_var' is not in the checkpoint"),
+    (
+        "another optimizer",
+        _other_optimizer,
+        r"group 0: hyperparameter 'dampening' is the run's, not the checkpoint's",
+    ),
     ("a truncated file", _truncated, r"ckpt\.pt is not a checkpoint that can be read safely"),
     ("a corrupt file", _corrupt, r"ckpt\.pt is not a checkpoint that can be read safely"),
     ("a file with code in it", _code, r"ckpt\.pt is not a checkpoint that can be read safely.*weights_only"),

@@ -1467,6 +1467,26 @@ BAD += [
     ),
 ]
 
+
+def _same_ddp_twice() -> None:
+    """One DDPCallback instance given twice: it joins unnoticed, and its fit would wrap DDP in DDP and
+    end with ``learn.model`` still wrapped; refused as the fit begins, before any process group is needed."""
+    ddp = DDPCallback()
+    ds = Dataset(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+    data = DataBunch(TorchDataLoader(ds, batch_size=2), TorchDataLoader(ds), c=2)
+    Runner([ddp, ddp]).fit(1, Learner(*get_model(data, nh=4), torch.nn.functional.cross_entropy, data))
+
+
+BAD += [
+    Bad(
+        "Runner: the same DDPCallback twice",
+        _same_ddp_twice,
+        ValueError,
+        r"cbs.*DDPCallback twice",
+        defect=True,
+    ),
+]
+
 # ------------------------------------------------------------------------ minilib.checkpoint
 # checkpoint (its own import here, for the merge; the lead may move it to the block at the top)
 from minilib.checkpoint import CheckpointCallback  # noqa: E402
