@@ -344,9 +344,9 @@ class Runner:
                 "the inner fit would end the outer one's training mode, leaving its batches untrained"
             )
         self.epochs, self.learn, self.loss, self.start_epoch = epochs, learn, torch.tensor(0.0), 0
-        self._fitting, logger = True, self.logger
         for cb in self.cbs:
             cb.set_runner(self)
+        self._fitting, logger = True, self.logger  # from here on, the finally below gives both back
         try:
             with self._with_events(CancelTrainException, end=lambda: self("after_fit")):
                 self("begin_fit")
