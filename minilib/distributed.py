@@ -145,6 +145,10 @@ class DDPCallback(Callback):
     # ---- begin_fit: check, wrap, shard, silence
 
     def begin_fit(self):
+        # set_runner sees a second instance; the same one twice (cbs=[ddp, ddp], run.cbs *= 2) only here.
+        if sum(isinstance(cb, DDPCallback) for cb in self.run.cbs) > 1:
+            why = "one DDPCallback per Runner (a second would wrap the wrapped model and shard the shards)"
+            contract.fail("Runner", "cbs", why, "the same DDPCallback twice")
         learn = self.run.learn
         specs = {which: _loader_spec(getattr(learn.data, which), which) for which in ("train_dl", "valid_dl")}
         if not (dist.is_available() and dist.is_initialized()):

@@ -1353,6 +1353,12 @@ UNTOUCHED += [
 # ------------------------------------------------------------------------ the Runner's callbacks as they join
 
 
+def _ddp_twice():
+    """One DDPCallback listed twice: a fit would wrap the wrapped model (checked before any process group)."""
+    ddp = DDPCallback()
+    Runner([ddp, ddp]).fit(1, create_learner(get_model_func(0.1), F.cross_entropy, tiny_data()))
+
+
 def _odd_order(order):
     return type("OddCallback", (Callback,), {"_order": order})()
 
@@ -1384,6 +1390,13 @@ BAD += [
         lambda: Runner([DDPCallback(), DDPCallback()]),
         ValueError,
         r"DDPCallback",
+        defect=True,
+    ),
+    Bad(
+        "Runner: the same DDPCallback twice",
+        lambda: _ddp_twice(),
+        ValueError,
+        r"Runner: cbs must be one DDPCallback per Runner",
         defect=True,
     ),
 ]
