@@ -437,6 +437,20 @@ for _f, _fn in _CLASSIFIERS.items():
             rf"{_t} must be 1-D",
         ),
         Bad(
+            f"{_f}: sparse {_i}",
+            lambda f=_fn: f(t(2, 5).to_sparse(), torch.arange(2)),
+            ValueError,
+            rf"{_f}: {_i} must be a dense \(strided\) tensor",
+            defect=True,
+        ),
+        Bad(
+            f"{_f}: sparse {_t}",
+            lambda f=_fn: f(t(2, 5), torch.arange(2).to_sparse()),
+            ValueError,
+            rf"{_f}: {_t} must be a dense \(strided\) tensor",
+            defect=True,
+        ),
+        Bad(
             f"{_f}: {_t} a list", lambda f=_fn: f(t(2, 5), [0, 1]), TypeError, rf"{_f}: {_t} must be a torch"
         ),
         Bad(
@@ -942,6 +956,20 @@ BAD += [
         lambda: _fce(t(3, 5).to_sparse(), _y3),
         ValueError,
         r"fused_cross_entropy: logits must be a dense \(strided\) tensor",
+        defect=True,
+    ),
+    Bad(
+        "fused_cross_entropy: sparse target named target",
+        lambda: _fce(t(3, 5), _y3.to_sparse()),
+        ValueError,
+        r"fused_cross_entropy: target must be a dense \(strided\) tensor",
+        defect=True,
+    ),
+    Bad(
+        "fused_linear_cross_entropy: sparse target named target",
+        lambda: _flce(t(3, 4), t(5, 4), _y3.to_sparse()),
+        ValueError,
+        r"fused_linear_cross_entropy: target must be a dense \(strided\) tensor",
         defect=True,
     ),
     Bad(
