@@ -51,9 +51,10 @@ def fenced(text: str, lang: str = "text") -> str:
 
 def plain(text: str) -> str:
     """Prose shown as written: HTML and Markdown's emphasis, link and code characters are escaped, and so
-    is what would make a line a heading (``# ...``, or a line of ``=`` or ``-`` under another)."""
+    is what would make a line a heading (``# ...``, or a line of ``=`` or ``-`` under another). Braces
+    too: with attr_list, ``{: onclick="..."}`` ending a line would give its paragraph that attribute."""
     text = html.escape(text, quote=False)
-    text = re.sub(r"([\\`*_\[\]])", r"\\\1", text)
+    text = re.sub(r"([\\`*_\[\]{}])", r"\\\1", text)
     return re.sub(r"^(\s*)(#|[=-]+\s*$)", r"\1\\\2", text, flags=re.M)
 
 
@@ -96,8 +97,11 @@ def anchor(qualname: str) -> str:
 
 
 def _cell(text: str) -> str:
-    """A table cell shown as code: escaped, and with no pipe that would split the row."""
-    return "<code>" + html.escape(text).replace("|", "&#124;") + "</code>"
+    """A table cell shown as code: escaped, and with no pipe that would split the row. Markdown still reads
+    the text inside an HTML tag (``*a*{: onclick=...}`` would be an <em> with that attribute), so its
+    characters go in as character references, which it leaves alone."""
+    escaped = html.escape(text)
+    return "<code>" + re.sub(r"[\\`*_{}\[\]|]", lambda m: f"&#{ord(m[0])};", escaped) + "</code>"
 
 
 # -- the site ---------------------------------------------------------------------------------------------

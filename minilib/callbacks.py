@@ -235,18 +235,22 @@ class ParamScheduler(Callback):
         groups = self.opt.param_groups
         for pg in groups:
             contract.one_of("ParamScheduler", "pname", self.pname, [k for k in pg if k != "params"])
-        if isinstance(self.sched_funcs, (list, tuple)):
-            if len(self.sched_funcs) != len(groups):
-                got = f"{len(self.sched_funcs)} schedules for {len(groups)} param groups"
-                contract.fail("ParamScheduler", "sched_funcs", "one schedule, or one per param group", got)
-            self._funcs = list(self.sched_funcs)
-        else:
-            self._funcs = [self.sched_funcs] * len(groups)  # not written back: the callback can fit again
+        self._funcs_for(groups)  # a count mismatch stops the fit before its first batch
+
+    def _funcs_for(self, groups: list) -> list:
+        """One schedule per param group, as the optimizer has them now (a group may join mid-fit)."""
+        if not isinstance(self.sched_funcs, (list, tuple)):
+            return [self.sched_funcs] * len(groups)  # one schedule: every group, one added mid-fit too
+        if len(self.sched_funcs) != len(groups):
+            got = f"{len(self.sched_funcs)} schedules for {len(groups)} param groups"
+            contract.fail("ParamScheduler", "sched_funcs", "one schedule, or one per param group", got)
+        return list(self.sched_funcs)
 
     def set_param(self) -> None:
         pos = self.n_epochs / self.epochs
-        values = [f(pos) for f in self._funcs]
-        for i, (f, v) in enumerate(zip(self._funcs, values, strict=True)):  # all checked before any is set
+        funcs = self._funcs_for(self.opt.param_groups)
+        values = [f(pos) for f in funcs]
+        for i, (f, v) in enumerate(zip(funcs, values, strict=True)):  # all checked before any is set
             where = f"{self.pname} from schedule {_sched_name(f)} (param group {i}) at pos {pos:.6g}"
             for x in v if isinstance(v, tuple) else (v,):  # a tuple: Adam's betas
                 if contract.finite_number("ParamScheduler", **{where: x}) < 0 and self.pname == "lr":

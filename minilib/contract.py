@@ -39,6 +39,7 @@ __all__ = [
     "finite_number",
     "one_of",
     "class_indices",
+    "dense",
     "linear",
 ]
 
@@ -80,6 +81,12 @@ def float_tensor(fname: str, **named: Any) -> None:
     for arg, x in named.items():
         if not x.is_floating_point():
             fail(fname, arg, "a floating-point tensor", x)
+
+
+def dense(fname: str, arg: str, x: torch.Tensor) -> None:
+    """``x`` is a dense (strided) tensor: a sparse one would fail inside torch, naming no argument."""
+    if x.layout != torch.strided:
+        fail(fname, arg, f"a dense (strided) tensor, not {str(x.layout).removeprefix('torch.')}", x)
 
 
 def ndim(fname: str, arg: str, x: torch.Tensor, dims: int | Iterable[int], layout: str) -> None:
@@ -265,6 +272,7 @@ def scores(fname: str, **named: Any) -> None:
     """Each value is a float tensor of class scores, classes in its last dim (at least one class)."""
     float_tensor(fname, **named)
     for arg, x in named.items():
+        dense(fname, arg, x)
         if x.dim() == 0 or x.shape[-1] == 0:
             fail(fname, arg, "a tensor of scores with at least one class in its last dim", x)
 
@@ -280,6 +288,7 @@ def classification(fname: str, **scores_target: torch.Tensor) -> None:
     if s.shape[0] == 0:
         fail(fname, sn, "a batch of at least one row (a mean over none is nan)", s)
     tensor(fname, **{tn: t})
+    dense(fname, tn, t)
     if t.dtype != torch.int64:
         fail(fname, tn, "int64 class indices", t)
     if t.shape != s.shape[:1]:

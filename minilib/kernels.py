@@ -157,6 +157,7 @@ def _check_target(
     """``target`` holds one class per row of the argument ``rows`` (n of them), each in [0, n_classes) (the
     classes of the argument ``classes``) or ``ignore_index``."""
     contract.tensor(fname, target=target)
+    contract.dense(fname, "target", target)
     if target.dtype != torch.int64:
         contract.fail(fname, "target", "int64 class indices", target)
     if target.dim() != 1 or target.shape[0] != n:

@@ -86,6 +86,9 @@ class CancelBatchException(Exception):
     answer = "after_cancel_batch"
 
 
+_CANCELS = (CancelTrainException, CancelEpochException, CancelBatchException)
+
+
 def silent(*args, **kwargs) -> None:
     """A ``run.logger`` that shows nothing (``DDPCallback`` gives it to the ranks other than 0)."""
 
@@ -368,7 +371,9 @@ class Runner:
         The level's own ``cancel`` exception, raised in the body or in ``end``, stops the level and is
         answered by its event (``cancel.answer``, e.g. after_cancel_batch); cancelling again while it
         is answered changes nothing. Any other exception (a higher level's Cancel included) goes on up
-        unchanged once the level has ended; a ``cancel`` raised while ending it cannot swallow it.
+        unchanged once the level has ended. While an ordinary error is in flight, nothing the ending raises
+        replaces it: not an error (it would hide the first), not a Cancel (a level above would catch it and
+        swallow the error); it is added to the error's notes instead.
         """
         try:
             try:
@@ -376,9 +381,14 @@ class Runner:
             except cancel:
                 with suppress(cancel):
                     self(cancel.answer)
-        except BaseException:
-            with suppress(cancel):
-                end()
+        except BaseException as error:
+            try:
+                with suppress(cancel):
+                    end()
+            except Exception as late:
+                if isinstance(error, _CANCELS):
+                    raise  # a higher level's cancel in flight: what the ending raised goes up instead
+                error.add_note(f"while the loop ended after it: {type(late).__name__}: {late}")
             raise
         try:
             end()

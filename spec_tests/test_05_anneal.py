@@ -406,3 +406,34 @@ def test_recorder_gives_a_param_group_added_during_the_fit_its_own_list():
     assert first == [0.1] * 4, first
     assert all(math.isnan(v) for v in second[:2]) and second[2:] == [0.01] * 2, second
     assert len(run.recorder.losses) == 4
+
+
+def _unfreeze_at_batch_2(model):
+    """A callback that adds model[2]'s parameters as a new param group after the second training batch."""
+
+    class Unfreeze(Callback):
+        def after_batch(self):
+            if self.n_iter == 2:
+                self.opt.add_param_group({"params": model[2].parameters(), "lr": 0.01})
+
+    return Unfreeze()
+
+
+def test_param_scheduler_schedules_a_param_group_added_during_the_fit():
+    """A param group added mid-fit (a layer unfrozen) follows the one schedule every group follows,
+    from the next batch on; a list of one schedule per group no longer matches the groups, and stops
+    the fit with a ValueError naming ``sched_funcs`` and both counts (it used to be zip()'s own error,
+    naming nothing)."""
+    data = tiny_data(n_train=16, n_valid=4, bs=4)
+    model, _ = get_model(data)
+    sched = sched_lin(0.4, 0.1)
+    run = Runner([ParamScheduler("lr", sched), Recorder(), _unfreeze_at_batch_2(model)])
+    run.fit(1, Learner(model, optim.SGD(model[0].parameters(), lr=0.1), F.cross_entropy, data))
+    first, second = run.recorder.lrs
+    assert first == [sched(k / 4) for k in range(4)], first
+    assert second[2:] == [sched(k / 4) for k in (2, 3)], second
+
+    model, _ = get_model(data)
+    run = Runner([ParamScheduler("lr", [sched]), _unfreeze_at_batch_2(model)])
+    with pytest.raises(ValueError, match=r"ParamScheduler: sched_funcs .*1 schedules for 2 param groups"):
+        run.fit(1, Learner(model, optim.SGD(model[0].parameters(), lr=0.1), F.cross_entropy, data))

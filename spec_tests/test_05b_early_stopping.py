@@ -251,6 +251,33 @@ def test_an_ordinary_error_reaches_the_caller_unchanged_even_if_a_callback_cance
     assert caught.value is error
 
 
+@pytest.mark.parametrize(
+    ("exc", "event"),
+    [
+        (CancelTrainException, "after_batch"),
+        (CancelEpochException, "after_batch"),
+        (KeyError, "after_batch"),
+        (KeyError, "after_fit"),
+    ],
+    ids=["CancelTrain in after_batch", "CancelEpoch in after_batch", "error in after_batch", "in after_fit"],
+)
+def test_an_ordinary_error_is_neither_swallowed_nor_replaced_by_what_the_ending_events_raise(exc, event):
+    """A Cancel of a level ABOVE raised by after_batch while an error is in flight used to replace the
+    error, and the level above then caught it: the fit returned as if cancelled, the error gone. An
+    error raised by after_batch or after_fit replaced it too. The caller gets the very error that was
+    raised; what the ending raised is one of its notes."""
+    error = ZeroDivisionError("the real problem")
+
+    class Fails(Callback):
+        def after_pred(self):
+            raise error
+
+    with pytest.raises(ZeroDivisionError) as caught:
+        Runner([Fails(), first_time(exc, event)]).fit(1, tiny_learner())
+    assert caught.value is error
+    assert any(exc.__name__ in note for note in getattr(error, "__notes__", [])), error
+
+
 def test_a_batch_cancelled_after_backward_takes_no_step_and_leaves_no_gradient():
     """Cancelling after backward skips the optimizer step, so the weights do not move, and the
     gradients are cleared anyway: they must not be added into the next batch's."""
