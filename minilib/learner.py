@@ -388,7 +388,8 @@ class Runner:
             except Exception as late:
                 if isinstance(error, _CANCELS):
                     raise  # a higher level's cancel in flight: what the ending raised goes up instead
-                error.add_note(f"while the loop ended after it: {type(late).__name__}: {late}")
+                if hasattr(error, "add_note"):  # Python 3.11+; on 3.10 the later error is dropped
+                    error.add_note(f"while the loop ended after it: {type(late).__name__}: {late}")
             raise
         try:
             end()

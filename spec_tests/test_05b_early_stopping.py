@@ -18,6 +18,7 @@ cancel training once the loss exceeds 10x the best seen (or after ``max_iter`` b
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -275,7 +276,8 @@ def test_an_ordinary_error_is_neither_swallowed_nor_replaced_by_what_the_ending_
     with pytest.raises(ZeroDivisionError) as caught:
         Runner([Fails(), first_time(exc, event)]).fit(1, tiny_learner())
     assert caught.value is error
-    assert any(exc.__name__ in note for note in getattr(error, "__notes__", [])), error
+    if sys.version_info >= (3, 11):  # exceptions carry notes from Python 3.11
+        assert any(exc.__name__ in note for note in getattr(error, "__notes__", [])), error
 
 
 def test_a_batch_cancelled_after_backward_takes_no_step_and_leaves_no_gradient():
